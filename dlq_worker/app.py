@@ -1,0 +1,98 @@
+"""Assemble and run the daemon: HTTP endpoints, monitor thread, run loop, signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from dlq_worker.config import Config
+from dlq_worker.endpoints import HttpServer
+from dlq_worker.errors import StartupError
+from dlq_worker.health import Health
+from dlq_worker.metrics import Metrics
+from dlq_worker.monitor import Monitor
+from dlq_worker.sink import Sink
+from dlq_worker.source import Source
+from dlq_worker.worker import Worker
+
+log = logging.getLogger(__name__)
+
+#: Exit codes, named (dramatiq does the same).
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+EXIT_FORCED = 130
+
+
+class App:
+    """One worker process: everything `dlq-worker run` starts, owned in one place."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.health = Health(liveness_timeout=float(config.worker.liveness_timeout),
+                             unready_after=float(config.worker.unready_after))
+        self.consumer = config.consumer_name()
+        self.source = Source(config, self.consumer)
+        self.sink = Sink(config.database)
+        self.worker = Worker(config, self.source, self.sink, self.metrics, self.health)
+        self.monitor = Monitor(config, self.metrics, self.health, self.sink,
+                               streams=lambda: list(self.worker.streams))
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            try:
+                self.http = HttpServer(config.http.host, config.http.port, self.health,
+                                       self.metrics)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {config.http.host}:{config.http.port}: {exc.strerror}"
+                ) from exc
+
+    def run(self) -> None:
+        """Serve until stop() (or a signal, when installed); returns after the final flush."""
+        if self.http:
+            self.http.start()
+        self.monitor.start()
+        try:
+            self.worker.run()
+        finally:
+            self.monitor.stop()
+            if self.http:
+                self.http.stop()
+            self.source.close()
+            self.sink.close()
+
+    def stop(self) -> None:
+        self.worker.request_stop()
+
+    def install_signal_handlers(self) -> None:
+        """First SIGTERM/SIGINT: graceful stop. A second one: exit at once (nothing is
+        acked that was not committed, so the entries in hand are simply redelivered)."""
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            if self.worker.stopping:
+                log.warning("second signal: exiting now",
+                            extra={"event": "forced_exit", "signal": signum})
+                os._exit(EXIT_FORCED)
+            log.info("signal received: finishing the batch in hand",
+                     extra={"event": "stopping", "signal": signum})
+            self.stop()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handle)
+            signal.signal(signal.SIGINT, handle)
+
+
+def serve(config: Config, on_ready: Callable[[App], None] | None = None) -> int:
+    app = App(config)
+    app.install_signal_handlers()
+    if on_ready:
+        on_ready(app)
+    app.run()
+    return EXIT_OK

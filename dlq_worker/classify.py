@@ -1,0 +1,45 @@
+"""Decide whether a PostgreSQL failure is the server's fault or the row's.
+
+Pure: works on the SQLSTATE and message only. The rule leans towards "transient",
+because a transient error costs a retry while a wrong "permanent" parks a valid
+record: only data exceptions (class 22) and integrity violations (class 23) are
+the row's fault. A missing table, a missing privilege or a renamed column fails
+every row alike; parking them all would empty the DLQ into the dead letters, so
+those are transient too and the worker waits, not ready, until someone fixes it.
+"""
+
+from __future__ import annotations
+
+from dlq_worker.errors import DatabaseUnavailable, MissingPartition, RejectedError
+
+_PERMANENT_CLASSES = ("22", "23")
+_PERMANENT_CODES = frozenset({"P0001"})  # raise_exception from a trigger on the row
+
+_NO_PARTITION = "no partition of relation"
+
+_REASONS = {
+    "23502": "not_null_violation",
+    "23503": "foreign_key_violation",
+    "23514": "check_violation",
+    "22001": "value_too_long",
+    "22003": "numeric_out_of_range",
+    "22007": "invalid_datetime",
+    "22008": "datetime_out_of_range",
+    "22P02": "invalid_text",
+    "22P05": "untranslatable_character",
+    "P0001": "raised_by_trigger",
+}
+
+
+def classify_database_error(
+    sqlstate: str | None, message: str
+) -> DatabaseUnavailable | RejectedError:
+    """The worker's view of a database error: DatabaseUnavailable or RejectedError."""
+    first_line = (message or "").strip().splitlines()[0][:240] if message else ""
+    if sqlstate and (sqlstate[:2] in _PERMANENT_CLASSES or sqlstate in _PERMANENT_CODES):
+        if sqlstate == "23514" and _NO_PARTITION in first_line:
+            return MissingPartition(first_line, sqlstate=sqlstate)
+        reason = _REASONS.get(sqlstate, f"sqlstate_{sqlstate.lower()}")
+        return RejectedError(first_line, reason=reason, sqlstate=sqlstate)
+    code = f"SQLSTATE {sqlstate}: " if sqlstate else ""
+    return DatabaseUnavailable(f"{code}{first_line}" if first_line else f"{code}database error")

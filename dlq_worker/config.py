@@ -1,0 +1,486 @@
+"""Typed, frozen, strict configuration.
+
+Layers, later wins: defaults < YAML file < environment < CLI flags. Every layer is
+checked against the same schema, so an unknown key, a bad type or a bad value in any
+of them is a ConfigError naming the key, where it came from, and what was expected.
+Secrets (passwords) come only from the environment or from files, never from YAML
+or flags, and are never part of ``repr()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from dlq_worker.decode import AUDIT_EVENTS, NOTIFICATION_AUDIT, TABLES
+from dlq_worker.errors import ConfigError
+
+ENV_PREFIX = "DLQ_WORKER_"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class Duration(float):
+    """Seconds; written as a number of seconds or with a unit: ``50ms``, ``30s``, ``168h``."""
+
+
+class Secret(str):
+    """A string that never shows itself in repr() or logs."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    #: ``host:port``, or a ``redis://``/``rediss://`` URL without credentials.
+    addr: str = "127.0.0.1:6379"
+    #: The DLQ's database. DB 0 belongs to another service's cache: never 0 by default.
+    db: int = 1
+    username: str = ""
+    password: Secret = field(default=Secret(""), repr=False)
+    password_file: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    socket_timeout: Duration = Duration(5.0)
+
+    @property
+    def host(self) -> str:
+        return _split_addr(self.addr)[1]
+
+    @property
+    def port(self) -> int:
+        return _split_addr(self.addr)[2]
+
+    @property
+    def use_tls(self) -> bool:
+        return self.tls or _split_addr(self.addr)[0] == "rediss"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    name: str = "action_history"
+    user: str = "slm_user"
+    password: Secret = field(default=Secret(""), repr=False)
+    password_file: str = ""
+    #: libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full.
+    sslmode: str = "prefer"
+    sslrootcert: str = ""
+    connect_timeout: Duration = Duration(5.0)
+    #: Server-side cap on one batch's statements; hitting it is transient, the batch is retried.
+    statement_timeout: Duration = Duration(30.0)
+    #: Create a missing monthly partition of audit_events instead of rejecting the row.
+    create_missing_partitions: bool = True
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    prefix: str = "audit:dlq:"
+    dead_letter_prefix: str = "audit:dead-letter:"
+    #: Stream name after the prefix -> target table.
+    routes: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "events": AUDIT_EVENTS,
+            "notifications": NOTIFICATION_AUDIT,
+            "notification": NOTIFICATION_AUDIT,
+        }
+    )
+    group: str = "dlq-worker"
+    #: Unique per process; empty means ``<POD_NAME or hostname>-<pid>``.
+    consumer: str = ""
+    discover_interval: Duration = Duration(30.0)
+    #: The producers' ``MAXLEN ~`` cap, to report depth as a fraction of it.
+    max_length: int = 10000
+    #: The design's DLQ retention (``ttl``); entries older than this are reported, never deleted.
+    ttl: Duration = Duration(168 * 3600.0)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    batch_size: int = 500
+    #: How long a partial batch waits for more entries before it is flushed.
+    linger: Duration = Duration(0.05)
+    #: XREADGROUP BLOCK when nothing is in hand.
+    block: Duration = Duration(1.0)
+    #: Deliveries (XPENDING's counter) after which a row PostgreSQL rejects is parked.
+    max_deliveries: int = 5
+    #: First wait before a rejected entry is retried; doubles per delivery.
+    reject_retry_initial: Duration = Duration(5.0)
+    reject_retry_max: Duration = Duration(30.0)
+    #: Backoff while a server is unavailable (exponential with jitter).
+    backoff_initial: Duration = Duration(0.1)
+    backoff_max: Duration = Duration(10.0)
+    #: A transient outage longer than this turns /readyz to 503.
+    unready_after: Duration = Duration(15.0)
+    #: Entries pending longer than this on another consumer are claimed (XAUTOCLAIM).
+    claim_idle: Duration = Duration(60.0)
+    claim_interval: Duration = Duration(15.0)
+    #: Consumers idle this long and holding nothing are removed from the group.
+    consumer_idle_delete: Duration = Duration(3600.0)
+    #: SIGTERM: stop reading, flush and ack within this time, then exit.
+    shutdown_timeout: Duration = Duration(20.0)
+    #: Interval of the XINFO/INFO poll behind the depth, lag and durability metrics.
+    stats_interval: Duration = Duration(10.0)
+    #: /healthz fails when the loop has not turned for this long.
+    liveness_timeout: Duration = Duration(60.0)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"  # noqa: S104 - a pod's probes and scrapes come from outside
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    #: json, console, or auto (console on a terminal, JSON otherwise).
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def consumer_name(self) -> str:
+        if self.streams.consumer:
+            return self.streams.consumer
+        host = os.environ.get("POD_NAME") or socket.gethostname() or "worker"
+        return f"{host}-{os.getpid()}"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "redis": RedisConfig,
+    "database": DatabaseConfig,
+    "streams": StreamsConfig,
+    "worker": WorkerConfig,
+    "http": HttpConfig,
+    "log": LogConfig,
+}
+
+#: Environment names from the platform's design; they need no prefix.
+_PLATFORM_ENV = {
+    "REDIS_ADDR": ("redis", "addr"),
+    "REDIS_DB": ("redis", "db"),
+    "REDIS_USERNAME": ("redis", "username"),
+    "REDIS_PASSWORD": ("redis", "password"),
+    "REDIS_PASSWORD_FILE": ("redis", "password_file"),
+    "REDIS_TLS": ("redis", "tls"),
+    "DB_HOST": ("database", "host"),
+    "DB_PORT": ("database", "port"),
+    "DB_NAME": ("database", "name"),
+    "DB_USER": ("database", "user"),
+    "DB_PASSWORD": ("database", "password"),
+    "DB_PASSWORD_FILE": ("database", "password_file"),
+    "DB_SSLMODE": ("database", "sslmode"),
+}
+_SECRETS = {("redis", "password"), ("database", "password")}
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+_LEVELS = {"debug", "info", "warning", "error"}
+_FORMATS = {"auto", "json", "console"}
+
+
+def load(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the Config from a YAML file, the environment and CLI overrides."""
+    env = os.environ if env is None else env
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path is not None:
+        layers.append((str(path), _read_yaml(Path(path))))
+    layers.append(("environment", _from_env(env)))
+    if overrides:
+        layers.append(("command line", overrides))
+
+    merged: dict[str, dict[str, tuple[str, Any]]] = {name: {} for name in _SECTIONS}
+    for origin, layer in layers:
+        for section, values in layer.items():
+            if section not in _SECTIONS:
+                raise ConfigError(
+                    f"{origin}: unknown section '{section}' "
+                    f"(expected one of: {', '.join(_SECTIONS)})"
+                )
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{origin}: '{section}' must be a mapping")
+            known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+            for key, value in values.items():
+                if key not in known:
+                    hint = _closest(str(key), known)
+                    raise ConfigError(
+                        f"{origin}: unknown key '{section}.{key}'"
+                        + (f" (did you mean '{section}.{hint}'?)" if hint else "")
+                    )
+                if (section, key) in _SECRETS and origin not in ("environment",):
+                    raise ConfigError(
+                        f"{origin}: '{section}.{key}' is a secret: set it through the environment "
+                        f"or '{section}.password_file', never in a file or on the command line"
+                    )
+                merged[section][key] = (origin, value)
+
+    sections = {
+        name: _build_section(name, cls, merged[name]) for name, cls in _SECTIONS.items()
+    }
+    config = Config(**sections)
+    config = _resolve_password_files(config)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Check relations between values (types are checked while loading)."""
+    r, d, s, w, h, lg = (
+        config.redis,
+        config.database,
+        config.streams,
+        config.worker,
+        config.http,
+        config.log,
+    )
+    _split_addr(r.addr)
+    _check(r.db >= 0, "redis.db", "a database number >= 0")
+    _check(1 <= d.port <= 65535, "database.port", "a port between 1 and 65535")
+    _check(d.sslmode in _SSLMODES, "database.sslmode", f"one of {', '.join(sorted(_SSLMODES))}")
+    _check(bool(d.name), "database.name", "a database name")
+    _check(bool(d.user), "database.user", "a user name")
+    _check(bool(s.prefix), "streams.prefix", "a non-empty key prefix")
+    _check(bool(s.dead_letter_prefix), "streams.dead_letter_prefix", "a non-empty key prefix")
+    _check(
+        not s.dead_letter_prefix.startswith(s.prefix),
+        "streams.dead_letter_prefix",
+        "a prefix outside streams.prefix (parked entries must not be drained again)",
+    )
+    _check(bool(s.routes), "streams.routes", "at least one route")
+    for name, table in s.routes.items():
+        _check(
+            table in TABLES, f"streams.routes.{name}", f"a table: {', '.join(sorted(TABLES))}"
+        )
+    _check(bool(s.group), "streams.group", "a consumer group name")
+    _check(s.max_length > 0, "streams.max_length", "a positive number")
+    _check(1 <= w.batch_size <= 10000, "worker.batch_size", "between 1 and 10000")
+    _check(w.max_deliveries >= 1, "worker.max_deliveries", "at least 1")
+    _check(w.block >= 0.001, "worker.block", "at least 1ms")
+    _check(w.backoff_max >= w.backoff_initial > 0, "worker.backoff_max", ">= backoff_initial > 0")
+    _check(w.reject_retry_max >= w.reject_retry_initial, "worker.reject_retry_max",
+           ">= reject_retry_initial")
+    _check(w.claim_idle >= 1, "worker.claim_idle", "at least 1s")
+    _check(w.shutdown_timeout > 0, "worker.shutdown_timeout", "a positive duration")
+    _check(0 <= h.port <= 65535, "http.port", "a port between 0 and 65535")
+    _check(lg.level in _LEVELS, "log.level", f"one of {', '.join(sorted(_LEVELS))}")
+    _check(lg.format in _FORMATS, "log.format", f"one of {', '.join(sorted(_FORMATS))}")
+
+
+def describe(config: Config) -> dict[str, dict[str, Any]]:
+    """The effective configuration as plain data, secrets masked."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, Secret):
+                value = "***" if value else ""
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, Duration):
+                value = float(value)
+            values[f.name] = value
+        out[name] = values
+    return out
+
+
+# -- internals --
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return doc
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, (section, key) in _PLATFORM_ENV.items():
+        if name in env and env[name] != "":
+            out.setdefault(section, {})[key] = env[name]
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        # Only names shaped like a setting are ours; Kubernetes injects others
+        # (DLQ_WORKER_SERVICE_HOST, DLQ_WORKER_PORT_8080_TCP...) for a Service of that name.
+        if section not in _SECTIONS or not key:
+            continue
+        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        if key not in known:
+            hint = _closest(key, known)
+            raise ConfigError(
+                f"environment: unknown setting {name}"
+                + (f" (did you mean {ENV_PREFIX}{section.upper()}_{hint.upper()}?)" if hint else "")
+            )
+        if key == "routes":
+            out.setdefault(section, {})[key] = _parse_routes(name, value)
+        else:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def _parse_routes(name: str, value: str) -> dict[str, str]:
+    routes: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        stream, sep, table = part.partition("=")
+        if not sep or not stream.strip() or not table.strip():
+            raise ConfigError(f"environment: {name} expects 'stream=table,stream=table'")
+        routes[stream.strip()] = table.strip()
+    return routes
+
+
+def _build_section(name: str, cls: type[Any], values: Mapping[str, tuple[str, Any]]) -> Any:
+    kwargs: dict[str, Any] = {}
+    types = {f.name: f for f in dataclasses.fields(cls)}
+    for key, (origin, raw) in values.items():
+        f = types[key]
+        kwargs[key] = _coerce(f"{origin}: '{name}.{key}'", f.type, raw)
+    return cls(**kwargs)
+
+
+def _coerce(where: str, type_name: Any, raw: Any) -> Any:
+    t = str(type_name)
+    if t == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in {"true", "1", "yes", "on"}:
+            return True
+        if isinstance(raw, str) and raw.strip().lower() in {"false", "0", "no", "off"}:
+            return False
+        raise ConfigError(f"{where} expects true or false, got {_show(raw)}")
+    if t == "int":
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where} expects an integer, got {_show(raw)}")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
+            return int(raw)
+        raise ConfigError(f"{where} expects an integer, got {_show(raw)}")
+    if t == "Duration":
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw >= 0:
+            return Duration(float(raw))
+        if isinstance(raw, str):
+            m = _DURATION.match(raw)
+            if m is not None:
+                return Duration(float(m[1]) * _UNITS[m[2]])
+        raise ConfigError(
+            f"{where} expects a duration such as 30s, 500ms, 168h or a number of seconds, "
+            f"got {_show(raw)}"
+        )
+    if t == "Secret":
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where} expects a string")
+        return Secret(raw)
+    if t == "str":
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(f"{where} expects a string, got {_show(raw)}")
+    if t.startswith("Mapping"):
+        if not isinstance(raw, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+        ):
+            raise ConfigError(f"{where} expects a mapping of stream name to table name")
+        return dict(raw)
+    raise AssertionError(f"unhandled config type {t}")  # pragma: no cover
+
+
+def _resolve_password_files(config: Config) -> Config:
+    redis, database = config.redis, config.database
+    if redis.password_file and not redis.password:
+        redis = dataclasses.replace(
+            redis, password=_read_secret("redis.password_file", redis.password_file)
+        )
+    if database.password_file and not database.password:
+        database = dataclasses.replace(
+            database, password=_read_secret("database.password_file", database.password_file)
+        )
+    return dataclasses.replace(config, redis=redis, database=database)
+
+
+def _read_secret(key: str, path: str) -> Secret:
+    try:
+        return Secret(Path(path).read_text(encoding="utf-8").strip())
+    except OSError as exc:
+        raise ConfigError(f"'{key}': cannot read {path}: {exc.strerror}") from None
+
+
+def _split_addr(addr: str) -> tuple[str, str, int]:
+    """``host:port`` or ``redis[s]://host:port`` -> (scheme, host, port)."""
+    text = addr.strip()
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigError(f"'redis.addr': scheme must be redis:// or rediss://, got {parts.scheme}")
+        if parts.username or parts.password:
+            raise ConfigError(
+                "'redis.addr': credentials in the address are not accepted; "
+                "use REDIS_USERNAME and REDIS_PASSWORD"
+            )
+        if parts.path not in ("", "/"):
+            raise ConfigError("'redis.addr': select the database with redis.db / REDIS_DB")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ConfigError(f"'redis.addr': bad port in {text!r}") from None
+        return parts.scheme, parts.hostname or "", port
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"'redis.addr' expects host:port, got {text!r}")
+    return "redis", host.strip("[]"), int(port_text)
+
+
+def _check(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' expects {expected}")
+
+
+def _show(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _closest(key: str, known: set[str]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None

@@ -1,0 +1,115 @@
+"""`dlq-worker demo`: the whole path on throwaway servers, for a first look."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+import redis
+from sqlalchemy import text
+
+from dlq_worker import config as config_mod, producer, samples
+from dlq_worker.app import App
+from dlq_worker.embedded import PostgresProcess, RedisProcess
+
+
+def run_demo(entries: int, poison: int, keep: bool) -> None:
+    root = Path(tempfile.mkdtemp(prefix="dlq-demo-"))
+    root.chmod(0o755)  # the PostgreSQL cluster may belong to another OS user
+    redis_server = RedisProcess(root / "redis", appendonly=False)
+    postgres = PostgresProcess(root / "pg")
+    try:
+        click.echo(f"starting throwaway Redis and PostgreSQL in {root} ...")
+        redis_server.start()
+        postgres.start()
+        postgres.create_database("action_history")
+        cfg = config_mod.load(env={
+            "REDIS_ADDR": redis_server.addr, "REDIS_DB": "1",
+            "DB_HOST": "127.0.0.1", "DB_PORT": str(postgres.port), "DB_USER": "postgres",
+        }, overrides={"http": {"port": 0, "host": "127.0.0.1"}})
+
+        app = App(cfg)
+        partitions = app.sink.init_schema()
+        click.echo(f"schema created: audit_events ({len(partitions)} monthly partitions), "
+                   "notification_audit")
+
+        client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=1)
+        rng = random.Random(7)
+        pipe = client.pipeline(transaction=False)
+        n_events = n_notes = 0
+        for i in range(entries):
+            if i % 5 == 4:
+                message = producer.build_message(producer.NOTIFICATION, samples.notification(rng))
+                pipe.xadd("audit:dlq:notifications", {"message": message}, maxlen=10000,
+                          approximate=True)
+                n_notes += 1
+            else:
+                record = samples.audit_event(rng, full=i % 3 == 0)
+                message = producer.build_message(producer.AUDIT_EVENT, record)
+                pipe.xadd("audit:dlq:events", {"message": message}, maxlen=10000,
+                          approximate=True)
+                n_events += 1
+        for i in range(poison):
+            pipe.xadd("audit:dlq:events",
+                      {"message": samples.POISON_MESSAGES[i % len(samples.POISON_MESSAGES)]})
+        pipe.execute()
+        click.echo(f"produced {n_events} audit events and {n_notes} notification records "
+                   f"in the contract's wire format, plus {poison} malformed entries")
+
+        thread = threading.Thread(target=app.run, name="worker", daemon=True)
+        started = time.monotonic()
+        thread.start()
+        while True:
+            depth = client.xlen("audit:dlq:events") + client.xlen("audit:dlq:notifications")
+            if depth == 0:
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        total = entries + poison
+        click.echo(f"drained {total} entries in {elapsed:.2f}s "
+                   f"({total / elapsed:,.0f} entries/s, including worker start-up)")
+
+        with app.sink.engine.connect() as conn:
+            events = conn.execute(text("SELECT count(*) FROM audit_events")).scalar_one()
+            notes = conn.execute(text("SELECT count(*) FROM notification_audit")).scalar_one()
+            sample = conn.execute(text(
+                "SELECT event_id, event_date, event_type, correlation_id, "
+                "event_data->>'signal_name' AS signal FROM audit_events LIMIT 1")).one()
+        click.echo(f"rows: audit_events={events} notification_audit={notes}")
+        click.echo(f"sample row: {dict(sample._mapping)}")
+        parked = client.xrange("audit:dead-letter:events")
+        click.echo(f"parked in audit:dead-letter:events: {len(parked)}")
+        for entry_id, fields in parked:
+            click.echo(f"  {entry_id.decode()}  reason={fields[b'reason'].decode()}  "
+                       f"error={fields[b'error'].decode()[:80]}")
+
+        assert app.http is not None
+        base = f"http://127.0.0.1:{app.http.port}"
+        click.echo(f"endpoints: {base}/healthz {base}/readyz {base}/metrics")
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:  # noqa: S310
+            body = resp.read().decode()
+        click.echo("selected metrics:")
+        for line in body.splitlines():
+            if line.startswith(("dlq_worker_entries_written_total", "dlq_worker_entries_parked_total",
+                                "dlq_worker_flush_duration_seconds_count")) and \
+                    not line.rstrip().endswith(" 0.0"):
+                click.echo(f"  {line}")
+        if keep:
+            click.echo("servers kept running; Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
+        app.stop()
+        thread.join(timeout=30)
+        client.close()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        postgres.stop()
+        redis_server.stop()
+        shutil.rmtree(root, ignore_errors=True)

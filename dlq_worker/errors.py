@@ -1,0 +1,82 @@
+"""The exceptions dlq-worker raises, and what the run loop does with each.
+
+Library errors (redis-py, SQLAlchemy/psycopg2) are translated where they enter
+(`source.py`, `sink.py`), so the loop reasons only in these terms::
+
+    DlqWorkerError
+    ├── ConfigError              bad configuration: one line naming the key; exit 2
+    ├── StartupError             a server could not be reached at start; exit 3
+    ├── TransientError           the server is unreachable or busy: keep the batch in hand,
+    │   │                        back off, never ack, never count it against the entry
+    │   ├── RedisUnavailable
+    │   └── DatabaseUnavailable
+    └── PermanentError           this entry can never be written as it is: isolate it, park it
+        ├── DecodeError          the envelope or payload is malformed (certain: park at once)
+        ├── RejectedError        PostgreSQL refused the row (check, not-null, length, type,
+        │                        missing partition): retried by delivery count, then parked
+        └── MissingPartition     a RejectedError the worker may cure by creating the partition
+"""
+
+from __future__ import annotations
+
+
+class DlqWorkerError(Exception):
+    """Base class of every error dlq-worker raises on purpose."""
+
+
+class ConfigError(DlqWorkerError):
+    """The configuration is invalid. The message names the key and what was expected."""
+
+
+class StartupError(DlqWorkerError):
+    """A dependency could not be reached or prepared when the worker started."""
+
+
+class TransientError(DlqWorkerError):
+    """A server is unavailable. Nothing is wrong with the entries in hand."""
+
+
+class RedisUnavailable(TransientError):
+    """Redis did not answer, dropped the connection, or is loading its dataset."""
+
+
+class DatabaseUnavailable(TransientError):
+    """PostgreSQL did not answer, dropped the connection, or asked to retry."""
+
+
+class PermanentError(DlqWorkerError):
+    """An entry that can never be written as it is.
+
+    ``reason`` is a short, stable, label-safe classification (used in metrics and
+    in the parked entry); the message is the human-readable detail. Messages never
+    carry a payload, only the field and the kind of problem.
+    """
+
+    reason: str = "permanent"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class DecodeError(PermanentError):
+    """The stream entry or its JSON envelope/payload does not follow the contract."""
+
+    reason = "decode_error"
+
+
+class RejectedError(PermanentError):
+    """PostgreSQL rejected the row: a constraint, a type or a length."""
+
+    reason = "rejected"
+
+    def __init__(self, message: str, *, reason: str | None = None, sqlstate: str | None = None):
+        super().__init__(message, reason=reason)
+        self.sqlstate = sqlstate
+
+
+class MissingPartition(RejectedError):
+    """``audit_events`` has no partition for the row's month."""
+
+    reason = "missing_partition"

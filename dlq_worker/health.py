@@ -1,0 +1,95 @@
+"""Liveness and readiness, as the loop and the monitor observe them.
+
+Liveness means the loop is turning (a heartbeat). Readiness means Redis and
+PostgreSQL answer and the group exists on every stream found; a server that has
+failed for less than ``unready_after`` does not yet make the worker unready, so a
+blip does not flap the pod out of its Service.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+SERVERS = ("redis", "postgres")
+
+
+@dataclass
+class _ServerState:
+    failing_since: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class Health:
+    liveness_timeout: float
+    unready_after: float
+    clock: Callable[[], float] = time.monotonic
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _heartbeat: float | None = None
+    _servers: dict[str, _ServerState] = field(
+        default_factory=lambda: {name: _ServerState() for name in SERVERS}
+    )
+    _checked: set[str] = field(default_factory=set)
+    _groups_missing: list[str] = field(default_factory=list)
+    _warnings: list[str] = field(default_factory=list)
+    _started: bool = False
+
+    def beat(self) -> None:
+        with self._lock:
+            self._heartbeat = self.clock()
+
+    def started(self) -> None:
+        with self._lock:
+            self._started = True
+
+    def ok(self, server: str) -> None:
+        with self._lock:
+            self._servers[server] = _ServerState()
+            self._checked.add(server)
+
+    def failed(self, server: str, reason: str) -> None:
+        with self._lock:
+            state = self._servers[server]
+            if state.failing_since is None:
+                state.failing_since = self.clock()
+            state.reason = reason[:200]
+            self._checked.add(server)
+
+    def set_groups_missing(self, streams: list[str]) -> None:
+        with self._lock:
+            self._groups_missing = list(streams)
+
+    def set_warnings(self, warnings: list[str]) -> None:
+        with self._lock:
+            self._warnings = list(warnings)
+
+    def live(self) -> tuple[bool, str]:
+        with self._lock:
+            if self._heartbeat is None:
+                return True, "starting"
+            age = self.clock() - self._heartbeat
+        if age > self.liveness_timeout:
+            return False, f"loop has not turned for {age:.0f}s"
+        return True, f"loop turned {age:.1f}s ago"
+
+    def ready(self) -> tuple[bool, list[str], list[str]]:
+        """(ready, reasons it is not, warnings that do not fail readiness)."""
+        now = self.clock()
+        reasons: list[str] = []
+        with self._lock:
+            if not self._started:
+                reasons.append("starting")
+            for name, state in self._servers.items():
+                if name not in self._checked:
+                    reasons.append(f"{name}: not checked yet")
+                elif state.failing_since is not None and (
+                    now - state.failing_since >= self.unready_after
+                ):
+                    reasons.append(f"{name}: {state.reason}")
+            if self._groups_missing:
+                reasons.append("group missing on: " + ", ".join(self._groups_missing[:5]))
+            warnings = list(self._warnings)
+        return not reasons, reasons, warnings

@@ -1,0 +1,131 @@
+"""Prometheus metrics: one prefix, base units, counters ending in ``_total``.
+
+Built against an injectable registry, so tests read them with ``get_sample_value``
+and several workers can live in one test process.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from dlq_worker import __version__
+
+PREFIX = "dlq_worker"
+
+#: Reasons pre-initialised per stream so their series exist at zero.
+COMMON_REASONS = ("decode_error", "bad_json", "missing_field", "rejected", "missing_partition")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+        self.build_info = Info(f"{p}_build", "Version of dlq-worker.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+
+        self.read = Counter(f"{p}_entries_read_total", "Entries read from a DLQ stream.",
+                            ["stream"], registry=r)
+        self.written = Counter(f"{p}_entries_written_total",
+                               "Entries committed as new rows and removed from the DLQ.",
+                               ["stream", "table"], registry=r)
+        self.duplicates = Counter(f"{p}_entries_duplicate_total",
+                                  "Entries whose row already existed (counted as written).",
+                                  ["stream"], registry=r)
+        self.parked = Counter(f"{p}_entries_parked_total",
+                              "Entries moved to a dead-letter stream, by reason.",
+                              ["stream", "reason"], registry=r)
+        self.rejected = Counter(f"{p}_entries_rejected_total",
+                                "Rows PostgreSQL refused; retried until parked.",
+                                ["stream", "reason"], registry=r)
+        self.claimed = Counter(f"{p}_entries_claimed_total",
+                               "Entries claimed from idle consumers (XAUTOCLAIM).",
+                               ["stream"], registry=r)
+        self.pending_deleted = Counter(
+            f"{p}_pending_deleted_total",
+            "Pending IDs whose entry was already deleted from the stream.",
+            ["stream"], registry=r)
+        self.trimmed_unread = Counter(
+            f"{p}_entries_trimmed_unread_total",
+            "Entries deleted from a DLQ stream (producer MAXLEN trimming) before the group "
+            "read them: audit records lost outside the worker.",
+            ["stream"], registry=r)
+        self.transient_errors = Counter(f"{p}_transient_errors_total",
+                                        "Failures because a server was unavailable.",
+                                        ["server"], registry=r)
+        self.partitions_created = Counter(f"{p}_partitions_created_total",
+                                          "Monthly partitions created for audit_events.",
+                                          registry=r)
+        self.consumers_removed = Counter(f"{p}_consumers_removed_total",
+                                         "Idle consumers with nothing pending removed.",
+                                         ["stream"], registry=r)
+        self.batch_size = Histogram(
+            f"{p}_batch_size", "Entries per flushed batch.", registry=r,
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
+        self.flush_seconds = Histogram(
+            f"{p}_flush_duration_seconds", "Time to write and acknowledge one batch.",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.last_flush = Gauge(f"{p}_last_flush_timestamp_seconds",
+                                "Unix time of the last successful flush.", registry=r)
+        self.heartbeat = Gauge(f"{p}_loop_heartbeat_timestamp_seconds",
+                               "Unix time the run loop last turned.", registry=r)
+        self.ready = Gauge(f"{p}_ready", "1 when Redis and PostgreSQL answer and groups exist.",
+                           registry=r)
+        self.up = Gauge(f"{p}_dependency_up", "1 when the server answered its last call.",
+                        ["server"], registry=r)
+        self.streams_unknown = Gauge(f"{p}_streams_unknown",
+                                     "Streams under the prefix that no route names.",
+                                     registry=r)
+        self.in_hand = Gauge(f"{p}_entries_in_hand",
+                             "Entries read and not yet acknowledged by this worker.", registry=r)
+
+        self.depth = Gauge(f"{p}_stream_depth", "Entries in the DLQ stream (XLEN).",
+                           ["stream"], registry=r)
+        self.depth_ratio = Gauge(f"{p}_stream_depth_ratio",
+                                 "Depth as a fraction of the producers' MAXLEN cap.",
+                                 ["stream"], registry=r)
+        self.pending = Gauge(f"{p}_stream_pending", "Entries delivered and not acknowledged.",
+                             ["stream"], registry=r)
+        self.lag = Gauge(f"{p}_stream_lag", "Entries not yet delivered to the group.",
+                         ["stream"], registry=r)
+        self.oldest_age = Gauge(f"{p}_stream_oldest_entry_age_seconds",
+                                "Age of the oldest entry still in the stream.",
+                                ["stream"], registry=r)
+        self.consumers = Gauge(f"{p}_stream_consumers", "Consumers in the group.",
+                               ["stream"], registry=r)
+        self.dead_letter_depth = Gauge(f"{p}_dead_letter_depth",
+                                       "Entries parked in the dead-letter stream.",
+                                       ["stream"], registry=r)
+        self.retention = Gauge(f"{p}_stream_retention_seconds",
+                               "The configured DLQ retention (ttl) to compare ages against.",
+                               registry=r)
+        self.redis_memory_used = Gauge(f"{p}_redis_memory_used_bytes",
+                                       "used_memory of the Redis instance.", registry=r)
+        self.redis_maxmemory = Gauge(f"{p}_redis_maxmemory_bytes",
+                                     "maxmemory of the Redis instance (0: no limit).",
+                                     registry=r)
+        self.redis_warning = Gauge(
+            f"{p}_redis_durability_warning",
+            "1 when a Redis setting can lose DLQ entries (eviction, persistence, memory).",
+            ["check"], registry=r)
+        for server in ("redis", "postgres"):
+            self.transient_errors.labels(server)
+            self.up.labels(server)
+        for check in ("eviction_policy", "persistence", "memory"):
+            self.redis_warning.labels(check)
+
+    def init_stream(self, stream: str, table: str) -> None:
+        """Create a stream's series at zero so dashboards and alerts see them."""
+        self.read.labels(stream)
+        self.written.labels(stream, table)
+        self.duplicates.labels(stream)
+        self.claimed.labels(stream)
+        self.pending_deleted.labels(stream)
+        self.trimmed_unread.labels(stream)
+        self.consumers_removed.labels(stream)
+        for reason in COMMON_REASONS:
+            self.parked.labels(stream, reason)
+            self.rejected.labels(stream, reason)

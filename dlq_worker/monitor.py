@@ -1,0 +1,243 @@
+"""What the worker watches but cannot prevent: depth, lag, age, trimming, Redis durability.
+
+A background thread polls read-only commands (XINFO, XLEN, INFO, CONFIG GET) on its own
+connection, so the metrics stay fresh even while the loop is backing off, and feeds
+readiness with pings of both servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from dlq_worker.config import Config
+from dlq_worker.health import Health
+from dlq_worker.metrics import Metrics
+from dlq_worker.sink import Sink
+from dlq_worker.source import make_client, translated
+
+log = logging.getLogger(__name__)
+
+#: Entries still in the stream at or before the group's last-delivered ID (counted in
+#: the server, so nothing but a number crosses the network).
+_COUNT_DELIVERED = "return #redis.call('XRANGE', KEYS[1], '-', ARGV[1])"
+
+MEMORY_WARN_RATIO = 0.9
+
+
+@dataclass
+class StreamStats:
+    stream: str
+    depth: int
+    pending: int | None
+    lag: int | None
+    oldest_age_seconds: float | None
+    consumers: int
+    group_exists: bool
+    dead_letter_depth: int
+    #: Entries added that the group never read and that are gone (trimmed), since the
+    #: group was created; None where Redis cannot tell (older than 7.0, tombstones).
+    lost_unread: int | None = None
+    consumer_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RedisDurability:
+    maxmemory_policy: str
+    maxmemory: int
+    used_memory: int
+    aof_enabled: bool
+    rdb_save: str | None
+    warnings: list[str]
+
+
+def stream_stats(client: redis.Redis, config: Config, stream: str) -> StreamStats:
+    """XINFO-based figures for one DLQ stream, as the group sees them."""
+    group = config.streams.group
+    dead_letter = config.streams.dead_letter_prefix + stream[len(config.streams.prefix):]
+    with translated(f"XINFO {stream}"):
+        info = client.xinfo_stream(stream)
+        groups = client.xinfo_groups(stream)
+        dead_depth = int(client.xlen(dead_letter))
+    mine = next((g for g in groups if _text(g.get("name")) == group), None)
+    first = info.get("first-entry")
+    oldest = None
+    if first:
+        ms = int(_text(first[0]).split("-", 1)[0])
+        oldest = max(0.0, time.time() - ms / 1000.0)
+    stats = StreamStats(
+        stream=stream,
+        depth=int(info.get("length", 0)),
+        pending=int(mine["pending"]) if mine else None,
+        lag=_int_or_none(mine.get("lag")) if mine else None,
+        oldest_age_seconds=oldest,
+        consumers=int(mine["consumers"]) if mine else 0,
+        group_exists=mine is not None,
+        dead_letter_depth=dead_depth,
+    )
+    if mine is not None and stats.lag is not None:
+        # lag counts entries added after the group's last read, present or not; the ones
+        # still present are the stream minus those at or before last-delivered-id.
+        last = _text(mine.get("last-delivered-id", "0-0"))
+        with translated(f"XRANGE {stream}"):
+            delivered_present = int(client.eval(_COUNT_DELIVERED, 1, stream, last))
+        unread_present = stats.depth - delivered_present
+        stats.lost_unread = max(0, stats.lag - unread_present)
+    return stats
+
+
+def redis_durability(client: redis.Redis, memory_limit_bytes: int | None = None) -> RedisDurability:
+    """Settings of the shared instance that can lose DLQ entries."""
+    with translated("INFO"):
+        memory = client.info("memory")
+        persistence = client.info("persistence")
+    policy = str(memory.get("maxmemory_policy", "unknown"))
+    maxmemory = int(memory.get("maxmemory", 0) or 0)
+    used = int(memory.get("used_memory", 0) or 0)
+    aof = bool(int(persistence.get("aof_enabled", 0) or 0))
+    save: str | None
+    try:
+        save = str(client.config_get("save").get("save", ""))
+    except redis.RedisError:  # CONFIG is often disabled on managed Redis
+        save = None
+    warnings: list[str] = []
+    if policy.startswith("allkeys-"):
+        warnings.append(f"eviction_policy: maxmemory-policy {policy} can evict DLQ streams")
+    if not aof and save == "":
+        warnings.append("persistence: neither AOF nor RDB snapshots: a restart loses the DLQ")
+    limit = maxmemory or memory_limit_bytes or 0
+    if limit and used / limit >= MEMORY_WARN_RATIO:
+        warnings.append(f"memory: used {used} of {limit} bytes")
+    return RedisDurability(policy, maxmemory, used, aof, save, warnings)
+
+
+class Monitor:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        health: Health,
+        sink: Sink,
+        streams: Callable[[], list[str]],
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.health = health
+        self.sink = sink
+        self.streams = streams
+        self.client = make_client(config.redis)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+        self._lost: dict[str, int] = {}
+        self._durability_logged: set[str] = set()
+        metrics.retention.set(float(config.streams.ttl))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.client.close()
+
+    def _run(self) -> None:
+        interval = min(5.0, float(self.config.worker.stats_interval))
+        next_stats = 0.0
+        while not self._stop.is_set():
+            self.check_servers()
+            if time.monotonic() >= next_stats:
+                self.poll()
+                next_stats = time.monotonic() + float(self.config.worker.stats_interval)
+            self._stop.wait(interval)
+
+    def check_servers(self) -> None:
+        for server, ping in (("redis", self._ping_redis), ("postgres", self.sink.ping)):
+            try:
+                ping()
+            except Exception as exc:  # noqa: BLE001 - any failure means "not answering"
+                self.health.failed(server, str(exc))
+                self.metrics.up.labels(server).set(0)
+            else:
+                self.health.ok(server)
+                self.metrics.up.labels(server).set(1)
+
+    def _ping_redis(self) -> None:
+        with translated("PING"):
+            self.client.ping()
+
+    def poll(self) -> None:
+        """Refresh every stream's gauges and the durability warnings."""
+        missing: list[str] = []
+        for stream in self.streams():
+            try:
+                stats = stream_stats(self.client, self.config, stream)
+            except Exception as exc:  # noqa: BLE001 - a failed poll must not kill the thread
+                log.debug("stream stats failed", extra={"stream": stream, "error": str(exc)})
+                continue
+            self.record(stats)
+            if not stats.group_exists:
+                missing.append(stream)
+        self.health.set_groups_missing(missing)
+        try:
+            durability = redis_durability(self.client)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("redis durability check failed", extra={"error": str(exc)})
+            return
+        self.record_durability(durability)
+
+    def record(self, s: StreamStats) -> None:
+        m = self.metrics
+        m.depth.labels(s.stream).set(s.depth)
+        m.depth_ratio.labels(s.stream).set(s.depth / self.config.streams.max_length)
+        m.pending.labels(s.stream).set(s.pending or 0)
+        if s.lag is not None:
+            m.lag.labels(s.stream).set(s.lag)
+        m.oldest_age.labels(s.stream).set(s.oldest_age_seconds or 0.0)
+        m.consumers.labels(s.stream).set(s.consumers)
+        m.dead_letter_depth.labels(s.stream).set(s.dead_letter_depth)
+        if s.lost_unread is None:
+            return
+        previous = self._lost.get(s.stream)
+        self._lost[s.stream] = s.lost_unread
+        if previous is None:
+            if s.lost_unread:
+                log.error("entries were trimmed from the DLQ before the group read them",
+                          extra={"event": "trimmed_unread", "stream": s.stream,
+                                 "entries_since_group_created": s.lost_unread})
+        elif s.lost_unread > previous:
+            m.trimmed_unread.labels(s.stream).inc(s.lost_unread - previous)
+            log.error("AUDIT LOSS: entries trimmed from the DLQ before the group read them",
+                      extra={"event": "trimmed_unread", "stream": s.stream,
+                             "entries": s.lost_unread - previous})
+        if s.oldest_age_seconds and s.oldest_age_seconds > float(self.config.streams.ttl):
+            log.warning("DLQ entry older than the retention: still kept, never deleted",
+                        extra={"event": "entry_past_retention", "stream": s.stream,
+                               "age_seconds": round(s.oldest_age_seconds)})
+
+    def record_durability(self, d: RedisDurability) -> None:
+        self.metrics.redis_memory_used.set(d.used_memory)
+        self.metrics.redis_maxmemory.set(d.maxmemory)
+        flagged = {w.split(":", 1)[0] for w in d.warnings}
+        for check in ("eviction_policy", "persistence", "memory"):
+            self.metrics.redis_warning.labels(check).set(1 if check in flagged else 0)
+        self.health.set_warnings(d.warnings)
+        for warning in d.warnings:
+            check = warning.split(":", 1)[0]
+            if check not in self._durability_logged:
+                self._durability_logged.add(check)
+                log.warning("redis setting can lose DLQ entries",
+                            extra={"event": "redis_durability", "warning": warning})
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)

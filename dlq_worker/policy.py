@@ -1,0 +1,55 @@
+"""When a batch flushes, how long to wait after failures: pure policy, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tenacity import wait_exponential_jitter
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """A batch flushes when it is full, or when its first entry has waited ``linger``."""
+
+    size: int
+    linger: float
+
+    def room(self, in_hand: int) -> int:
+        """How many more entries to read for this batch."""
+        return max(0, self.size - in_hand)
+
+    def due(self, in_hand: int, first_at: float | None, now: float) -> bool:
+        if in_hand == 0:
+            return False
+        if in_hand >= self.size:
+            return True
+        return first_at is not None and now - first_at >= self.linger
+
+    def block_for(self, in_hand: int, first_at: float | None, now: float, idle: float) -> float:
+        """How long a read may block: ``idle`` with nothing in hand, else what linger has left.
+
+        Never zero: Redis treats BLOCK 0 as "forever".
+        """
+        if in_hand == 0 or first_at is None:
+            return idle
+        return max(0.001, self.linger - (now - first_at))
+
+
+def transient_wait(initial: float, maximum: float) -> wait_exponential_jitter:
+    """Capped exponential backoff with jitter while a server is unavailable."""
+    return wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
+
+
+def reject_delay(deliveries: int, initial: float, maximum: float) -> float:
+    """Wait before re-delivering an entry PostgreSQL rejected, by its delivery count.
+
+    Doubling from ``initial``: with the defaults (5s, cap 30s, 5 deliveries) a row
+    that can never be written is parked after about 5+10+20+30 = 65 s.
+    """
+    exponent = max(0, deliveries - 1)
+    return float(min(maximum, initial * (2**exponent)))
+
+
+def park_schedule(max_deliveries: int, initial: float, maximum: float) -> list[float]:
+    """The waits between deliveries of a rejected entry until it is parked (for docs)."""
+    return [reject_delay(d, initial, maximum) for d in range(1, max_deliveries)]

@@ -1,0 +1,300 @@
+"""Where rows are written: PostgreSQL through SQLAlchemy Core.
+
+One transaction per table per flush. Inserts are ``INSERT ... ON CONFLICT DO NOTHING
+RETURNING <key>``: a row that already exists counts as written, and the returned
+keys tell new rows from duplicates. When PostgreSQL rejects a batch because of one
+row, the batch is bisected under savepoints so its good rows are still written and
+only the bad ones come back as RejectedError. Any other failure is raised as
+DatabaseUnavailable and nothing of the batch is considered written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import URL
+
+from dlq_worker.classify import classify_database_error
+from dlq_worker.config import DatabaseConfig
+from dlq_worker.decode import AUDIT_EVENTS, Record
+from dlq_worker.errors import DatabaseUnavailable, MissingPartition, RejectedError, StartupError
+from dlq_worker.schema import (
+    CONFLICT_KEYS,
+    CREATE_TABLES,
+    TABLES,
+    month_start,
+    months_around,
+    partition_ddl,
+    partition_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    WRITTEN = "written"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass
+class WriteResult:
+    """Per record (same order as the input): its outcome, and the error if rejected."""
+
+    outcomes: list[Outcome]
+    errors: dict[int, RejectedError] = field(default_factory=dict)
+    partitions_created: list[str] = field(default_factory=list)
+
+
+def database_url(config: DatabaseConfig) -> URL:
+    query: dict[str, str] = {"sslmode": config.sslmode}
+    if config.sslrootcert:
+        query["sslrootcert"] = config.sslrootcert
+    return URL.create(
+        "postgresql+psycopg2",
+        username=config.user,
+        password=config.password or None,
+        host=config.host,
+        port=config.port,
+        database=config.name,
+        query=query,
+    )
+
+
+def make_engine(config: DatabaseConfig) -> Engine:
+    timeout_ms = int(config.statement_timeout * 1000)
+    return create_engine(
+        database_url(config),
+        # Payloads are audit data: SQLAlchemy must never put parameters in an error message.
+        hide_parameters=True,
+        pool_size=2,
+        max_overflow=2,
+        pool_recycle=1800,
+        connect_args={
+            "connect_timeout": max(1, int(config.connect_timeout)),
+            "application_name": "dlq-worker",
+            "options": f"-c statement_timeout={timeout_ms}",
+            # A vanished server is noticed in ~1 min instead of the kernel's hours.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        },
+    )
+
+
+class Sink:
+    """Writes decoded records into their tables."""
+
+    def __init__(self, config: DatabaseConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine = engine if engine is not None else make_engine(config)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def write(self, records: Sequence[Record]) -> WriteResult:
+        """Write every record, one transaction per table.
+
+        Raises DatabaseUnavailable if PostgreSQL fails for a reason not tied to a row;
+        in that case no outcome of this call may be trusted (some tables may be
+        committed: re-writing them is harmless, inserts are idempotent).
+        """
+        result = WriteResult(outcomes=[Outcome.WRITTEN] * len(records))
+        by_table: dict[str, list[int]] = {}
+        for index, record in enumerate(records):
+            by_table.setdefault(record.table, []).append(index)
+        for table, indexes in by_table.items():
+            self._write_table(table, records, indexes, result)
+        return result
+
+    def ping(self) -> None:
+        with self._translated(), self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def init_schema(self, months_back: int = 3, months_ahead: int = 3) -> list[str]:
+        """Create the contract's tables and monthly partitions around today (idempotent)."""
+        today = dt.datetime.now(dt.UTC).date()
+        months = months_around(today, months_back, months_ahead)
+        with self._translated(), self.engine.begin() as conn:
+            conn.exec_driver_sql(CREATE_TABLES)
+            for month in months:
+                conn.exec_driver_sql(partition_ddl(month))
+        return [partition_name(m) for m in months]
+
+    def missing_tables(self) -> list[str]:
+        with self._translated(), self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT c.relname FROM pg_class c WHERE c.relname = ANY(:names)"),
+                {"names": list(TABLES)},
+            ).scalars()
+            present = set(rows)
+        return [name for name in TABLES if name not in present]
+
+    # -- internals --
+
+    def _write_table(
+        self, table: str, records: Sequence[Record], indexes: list[int], result: WriteResult
+    ) -> None:
+        # Optimistic pass: the whole group in one statement, no savepoint.
+        try:
+            with self._translated(), self.engine.begin() as conn:
+                self._insert(conn, table, records, indexes, result)
+            return
+        except RejectedError:
+            pass
+        # Some row is bad: redo under savepoints, bisecting down to the culprits.
+        with self._translated(), self.engine.begin() as conn:
+            self._insert_isolating(conn, table, records, indexes, result)
+
+    def _insert(
+        self,
+        conn: Connection,
+        table: str,
+        records: Sequence[Record],
+        indexes: Sequence[int],
+        result: WriteResult,
+    ) -> None:
+        target = TABLES[table]
+        key_cols = [target.c[name] for name in CONFLICT_KEYS[table]]
+        stmt = pg_insert(target).on_conflict_do_nothing().returning(*key_cols)
+        rows = [records[i].values for i in indexes]
+        try:
+            returned = conn.execute(stmt, rows).all()
+        except sa_exc.DBAPIError as exc:
+            raise _translate(exc) from exc
+        except sa_exc.StatementError as exc:
+            # Raised by the driver before the server saw the statement: a value it cannot
+            # send. Rows are validated when decoded, so this is one row's problem.
+            raise RejectedError(
+                f"value cannot be sent to PostgreSQL: {type(exc.orig).__name__}",
+                reason="unencodable",
+            ) from exc
+        new_keys = {tuple(row) for row in returned}
+        for i in indexes:
+            key = records[i].key
+            if key in new_keys:
+                new_keys.discard(key)
+                result.outcomes[i] = Outcome.WRITTEN
+            else:
+                result.outcomes[i] = Outcome.DUPLICATE
+
+    def _insert_isolating(
+        self,
+        conn: Connection,
+        table: str,
+        records: Sequence[Record],
+        indexes: list[int],
+        result: WriteResult,
+    ) -> None:
+        tried_months: set[dt.date] = set()
+        stack: list[list[int]] = [indexes]
+        while stack:
+            chunk = stack.pop()
+            savepoint = conn.begin_nested()
+            try:
+                self._insert(conn, table, records, chunk, result)
+                savepoint.commit()
+                continue
+            except RejectedError as err:
+                savepoint.rollback()
+                rejection = err
+            if (
+                isinstance(rejection, MissingPartition)
+                and self.config.create_missing_partitions
+                and table == AUDIT_EVENTS
+            ):
+                months = {month_start(records[i].values["event_date"]) for i in chunk}
+                todo = sorted(months - tried_months)
+                if todo:
+                    tried_months.update(todo)
+                    result.partitions_created += self._create_partitions(conn, todo)
+                    stack.append(chunk)
+                    continue
+            if len(chunk) == 1:
+                result.outcomes[chunk[0]] = Outcome.REJECTED
+                result.errors[chunk[0]] = rejection
+                continue
+            middle = len(chunk) // 2
+            stack.append(chunk[middle:])
+            stack.append(chunk[:middle])
+
+    def _create_partitions(self, conn: Connection, months: list[dt.date]) -> list[str]:
+        created: list[str] = []
+        for month in months:
+            savepoint = conn.begin_nested()
+            try:
+                conn.exec_driver_sql(partition_ddl(month))
+                savepoint.commit()
+                created.append(partition_name(month))
+                log.warning(
+                    "created missing partition",
+                    extra={"event": "partition_created", "partition": partition_name(month)},
+                )
+            except sa_exc.DBAPIError as exc:
+                savepoint.rollback()
+                if _is_disconnect(exc):
+                    raise _translate(exc) from exc
+                # Lacking the privilege, or a concurrent worker created it first: either
+                # way the retried insert tells which.
+                log.warning(
+                    "could not create partition",
+                    extra={
+                        "event": "partition_create_failed",
+                        "partition": partition_name(month),
+                        "error": _message(exc),
+                    },
+                )
+        return created
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except (DatabaseUnavailable, RejectedError):
+            raise
+        except sa_exc.DBAPIError as exc:
+            raise _translate(exc) from exc
+        except sa_exc.SQLAlchemyError as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {_message(exc)}") from exc
+
+
+def check_connection(config: DatabaseConfig) -> None:
+    """Fail fast with a StartupError if the database cannot be reached."""
+    sink = Sink(config)
+    try:
+        sink.ping()
+    except DatabaseUnavailable as exc:
+        raise StartupError(
+            f"PostgreSQL at {config.host}:{config.port}/{config.name}: {exc}"
+        ) from exc
+    finally:
+        sink.close()
+
+
+def _translate(exc: sa_exc.DBAPIError) -> DatabaseUnavailable | RejectedError:
+    if _is_disconnect(exc):
+        return DatabaseUnavailable(f"connection lost: {_message(exc)}")
+    sqlstate = getattr(exc.orig, "pgcode", None)
+    return classify_database_error(sqlstate, _message(exc))
+
+
+def _is_disconnect(exc: sa_exc.DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "pgcode", None) or ""
+    return bool(exc.connection_invalidated) or sqlstate.startswith(("08", "57P"))
+
+
+def _message(exc: BaseException) -> str:
+    """The driver's first line: no SQL, no parameters."""
+    orig: Any = getattr(exc, "orig", None) or exc
+    text_ = str(orig).strip()
+    return text_.splitlines()[0][:240] if text_ else type(orig).__name__

@@ -1,0 +1,353 @@
+"""Where entries are read, claimed, acknowledged and parked: the Redis Streams side.
+
+Every redis-py error is translated here into RedisUnavailable, so the loop never
+sees a library exception. Only this module (and the monitor's read-only probes)
+talks to Redis, and only to the configured database: never DB 0's cache, never
+an instance-wide command.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from dlq_worker.config import Config, RedisConfig
+from dlq_worker.errors import RedisUnavailable, StartupError
+
+log = logging.getLogger(__name__)
+
+#: Moves one entry to its dead-letter stream and out of the DLQ, in one atomic step.
+#: It acts only while the entry is still pending on this consumer, so an entry
+#: another worker claimed (and will decide about itself) is never parked twice.
+_PARK = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+#: Removes a consumer only if it holds nothing, checked atomically: XGROUP
+#: DELCONSUMER drops the consumer's pending entries, which would strand them.
+_DELETE_IDLE_CONSUMER = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry as read. ``fields`` is empty when it was deleted while pending."""
+
+    stream: str
+    id: str
+    fields: Mapping[bytes, bytes]
+
+    @property
+    def deleted(self) -> bool:
+        return not self.fields
+
+
+def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Redis:
+    """A client for the DLQ's database; no built-in retries: the loop owns backoff."""
+    timeout = max(float(config.socket_timeout), block_seconds + 5.0)
+    kwargs: dict[str, Any] = {}
+    if config.use_tls:
+        kwargs["ssl"] = True
+        if config.tls_ca_file:
+            kwargs["ssl_ca_certs"] = config.tls_ca_file
+    return redis.Redis(
+        host=config.host,
+        port=config.port,
+        db=config.db,
+        username=config.username or None,
+        password=config.password or None,
+        socket_timeout=timeout,
+        socket_connect_timeout=float(config.socket_timeout),
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
+        client_name="dlq-worker",
+        **kwargs,
+    )
+
+
+@contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Turn any redis-py error into RedisUnavailable, naming the operation."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+class Source:
+    """The consumer-group side of the DLQ streams."""
+
+    def __init__(self, config: Config, consumer: str, client: redis.Redis | None = None) -> None:
+        self.config = config
+        self.streams_config = config.streams
+        self.group = config.streams.group
+        self.consumer = consumer
+        self.client = (
+            client
+            if client is not None
+            else make_client(config.redis, block_seconds=float(config.worker.block))
+        )
+        self._park = self.client.register_script(_PARK)
+        self._delete_consumer = self.client.register_script(_DELETE_IDLE_CONSUMER)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- streams and groups --
+
+    def discover(self) -> tuple[list[str], list[str]]:
+        """SCAN for streams under the prefix: (routed, unknown)."""
+        prefix = self.streams_config.prefix
+        routed: list[str] = []
+        unknown: list[str] = []
+        with translated("SCAN"):
+            for raw in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000,
+                                             _type="stream"):
+                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                (routed if self.route(name) else unknown).append(name)
+        return sorted(routed), sorted(unknown)
+
+    def route(self, stream: str) -> str | None:
+        """The table a stream drains into, or None if no route names it."""
+        prefix = self.streams_config.prefix
+        if not stream.startswith(prefix):
+            return None
+        return self.streams_config.routes.get(stream[len(prefix):])
+
+    def dead_letter_stream(self, stream: str) -> str:
+        """``audit:dlq:events`` parks into ``audit:dead-letter:events``."""
+        return self.streams_config.dead_letter_prefix + stream[len(self.streams_config.prefix):]
+
+    def ensure_group(self, stream: str) -> bool:
+        """Create the group at ID 0 (never ``$``: that would skip the backlog). True if created."""
+        try:
+            self.client.xgroup_create(stream, self.group, id="0")
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            if "requires the key to exist" in str(exc):  # the stream vanished meanwhile
+                return False
+            raise RedisUnavailable(f"XGROUP CREATE {stream}: {_first_line(exc)}") from exc
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"XGROUP CREATE {stream}: {_first_line(exc)}") from exc
+        log.info("created consumer group", extra={"event": "group_created", "stream": stream,
+                                                   "group": self.group})
+        return True
+
+    # -- reading --
+
+    def read(self, ids: Mapping[str, str], count: int, block_seconds: float | None) -> list[Entry]:
+        """XREADGROUP over several streams: ``>`` for new entries, ``0`` for our own pending."""
+        if not ids:
+            return []
+        block = None if block_seconds is None else max(1, int(block_seconds * 1000))
+        try:
+            reply = self.client.xreadgroup(
+                self.group, self.consumer, dict(ids), count=count, block=block
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # A stream was deleted and written again by a producer: recreate the group.
+                for stream in ids:
+                    self.ensure_group(stream)
+                return []
+            raise RedisUnavailable(f"XREADGROUP: {_first_line(exc)}") from exc
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"XREADGROUP: {type(exc).__name__}: {_first_line(exc)}") \
+                from exc
+        return list(_entries(reply))
+
+    def autoclaim(self, stream: str, min_idle_seconds: float, count: int) -> tuple[list[Entry], int]:
+        """Claim entries idle on any consumer, following the cursor until ``0-0``.
+
+        Returns (claimed entries, number of pending IDs whose entry had been deleted).
+        Since Redis 7, XAUTOCLAIM removes such IDs from the PEL itself and reports them
+        in a third reply element; they are only counted here.
+        """
+        claimed: list[Entry] = []
+        deleted = 0
+        cursor = "0-0"
+        idle_ms = int(min_idle_seconds * 1000)
+        with translated(f"XAUTOCLAIM {stream}"):
+            while True:
+                reply = self.client.xautoclaim(
+                    stream, self.group, self.consumer, idle_ms, start_id=cursor, count=count
+                )
+                cursor = _text(reply[0])
+                for entry_id, fields in reply[1]:
+                    if entry_id is not None:
+                        claimed.append(Entry(stream, _text(entry_id), fields or {}))
+                if len(reply) > 2 and reply[2]:
+                    deleted += len(reply[2])
+                if cursor == "0-0" or len(claimed) >= count:
+                    break
+        return claimed, deleted
+
+    def claim(self, stream: str, ids: Sequence[str]) -> list[Entry]:
+        """XCLAIM to ourselves now (bumps the delivery count): how rejected entries retry."""
+        if not ids:
+            return []
+        with translated(f"XCLAIM {stream}"):
+            reply = self.client.xclaim(stream, self.group, self.consumer, 0, list(ids))
+        return [Entry(stream, _text(i), f or {}) for i, f in reply if i is not None]
+
+    def delivery_counts(self, stream: str, ids: Iterable[str]) -> dict[str, int]:
+        """XPENDING's delivery counter for each ID still pending."""
+        counts: dict[str, int] = {}
+        with translated(f"XPENDING {stream}"):
+            pipe = self.client.pipeline(transaction=False)
+            id_list = list(ids)
+            for entry_id in id_list:
+                pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+            for entry_id, rows in zip(id_list, pipe.execute(), strict=True):
+                if rows:
+                    counts[entry_id] = int(rows[0]["times_delivered"])
+        return counts
+
+    # -- acknowledging and parking --
+
+    def ack_and_delete(self, ids_by_stream: Mapping[str, Sequence[str]]) -> None:
+        """XACK and XDEL in one MULTI/EXEC round trip, so that XLEN is the true backlog."""
+        if not any(ids_by_stream.values()):
+            return
+        with translated("XACK/XDEL"):
+            pipe = self.client.pipeline(transaction=True)
+            for stream, ids in ids_by_stream.items():
+                if ids:
+                    pipe.xack(stream, self.group, *ids)
+                    pipe.xdel(stream, *ids)
+            pipe.execute()
+
+    def park(self, entry: Entry, *, reason: str, error_class: str, error: str,
+             deliveries: int) -> bool:
+        """Atomically move one entry to its dead-letter stream. False if no longer ours."""
+        fields: list[Any] = []
+        message = entry.fields.get(b"message")
+        fields += [b"message", message if message is not None else b""]
+        for name, value in entry.fields.items():
+            if name != b"message":
+                fields += [b"original." + name, value]
+        fields += [
+            b"original_id", entry.id,
+            b"original_stream", entry.stream,
+            b"moved_at", dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+            b"final_retry_count", str(deliveries),
+            b"reason", reason,
+            b"error_class", error_class,
+            b"error", error[:1000],
+            b"consumer", self.consumer,
+        ]
+        with translated(f"park {entry.stream} {entry.id}"):
+            done = self._park(
+                keys=[entry.stream, self.dead_letter_stream(entry.stream)],
+                args=[self.group, entry.id, self.consumer, *fields],
+            )
+        return bool(done)
+
+    # -- housekeeping --
+
+    def consumers(self, stream: str) -> list[dict[str, Any]]:
+        with translated(f"XINFO CONSUMERS {stream}"):
+            rows = self.client.xinfo_consumers(stream, self.group)
+        return [{_text(k): (_text(v) if isinstance(v, bytes) else v) for k, v in row.items()}
+                for row in rows]
+
+    def delete_idle_consumers(self, stream: str, idle_seconds: float) -> list[str]:
+        """Remove consumers idle that long and holding no pending entry (not ourselves)."""
+        removed: list[str] = []
+        for row in self.consumers(stream):
+            name = str(row.get("name"))
+            idle_ms = int(row.get("inactive", row.get("idle", 0)) or 0)
+            if name == self.consumer or int(row.get("pending", 0)) > 0:
+                continue
+            if idle_ms < idle_seconds * 1000:
+                continue
+            with translated(f"XGROUP DELCONSUMER {stream}"):
+                result = self._delete_consumer(keys=[stream], args=[self.group, name])
+            if int(result) >= 0:
+                removed.append(name)
+        return removed
+
+    def ping(self) -> None:
+        with translated("PING"):
+            self.client.ping()
+
+    def group_exists(self, stream: str) -> bool:
+        with translated(f"XINFO GROUPS {stream}"):
+            try:
+                groups = self.client.xinfo_groups(stream)
+            except redis.ResponseError:
+                return False
+        return any(_text(g.get("name", b"")) == self.group for g in groups)
+
+
+def check_connection(config: RedisConfig) -> None:
+    """Fail fast with a StartupError if Redis cannot be reached."""
+    client = make_client(config)
+    try:
+        with translated("PING"):
+            client.ping()
+    except RedisUnavailable as exc:
+        raise StartupError(f"Redis at {config.host}:{config.port} db {config.db}: {exc}") from exc
+    finally:
+        client.close()
+
+
+def _entries(reply: Any) -> Iterator[Entry]:
+    if not reply:
+        return
+    for stream_name, rows in reply:
+        stream = _text(stream_name)
+        for entry_id, fields in rows:
+            if entry_id is not None:
+                yield Entry(stream, _text(entry_id), fields or {})
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:240] if text else type(exc).__name__
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def describe_entry(entry: Entry) -> dict[str, Any]:
+    """Log-safe facts about an entry: IDs and correlation, never the payload."""
+    facts: dict[str, Any] = {"stream": entry.stream, "entry_id": entry.id}
+    raw = entry.fields.get(b"message")
+    if raw:
+        try:
+            doc = json.loads(raw)
+            payload = doc.get("payload") if isinstance(doc, dict) else None
+            if isinstance(payload, str):
+                payload = json.loads(payload)
+            if isinstance(payload, dict) and isinstance(payload.get("correlation_id"), str):
+                facts["correlation_id"] = payload["correlation_id"][:255]
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return facts
