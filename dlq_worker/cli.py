@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
-from dlq_worker import __version__, config as config_mod, logs
+from dlq_worker import __version__, logs
+from dlq_worker import config as config_mod
 from dlq_worker.app import EXIT_CONFIG, EXIT_STARTUP, serve
 from dlq_worker.config import Config
 from dlq_worker.errors import ConfigError, DlqWorkerError, StartupError, TransientError

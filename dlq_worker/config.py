@@ -450,7 +450,9 @@ def _split_addr(addr: str) -> tuple[str, str, int]:
     if "://" in text:
         parts = urlsplit(text)
         if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError(f"'redis.addr': scheme must be redis:// or rediss://, got {parts.scheme}")
+            raise ConfigError(
+                f"'redis.addr': scheme must be redis:// or rediss://, got {parts.scheme}"
+            )
         if parts.username or parts.password:
             raise ConfigError(
                 "'redis.addr': credentials in the address are not accepted; "

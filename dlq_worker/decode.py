@@ -196,10 +196,12 @@ def _decode_audit_event(p: dict[str, Any]) -> Record:
 def _decode_notification(p: dict[str, Any]) -> Record:
     channel = _str(p, "channel", required=True)
     if channel not in CHANNELS:
-        raise DecodeError(f"channel: {channel!r} is not one of {sorted(CHANNELS)}", reason="bad_value")
+        raise DecodeError(f"channel: {channel!r} is not one of {sorted(CHANNELS)}",
+                          reason="bad_value")
     status = _str(p, "status", required=True)
     if status not in STATUSES:
-        raise DecodeError(f"status: {status!r} is not one of {sorted(STATUSES)}", reason="bad_value")
+        raise DecodeError(f"status: {status!r} is not one of {sorted(STATUSES)}",
+                          reason="bad_value")
     notification_id = _str(p, "notification_id", required=True)
     if not notification_id:
         raise DecodeError("notification_id: must not be empty", reason="missing_field")

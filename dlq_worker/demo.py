@@ -9,12 +9,14 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import click
 import redis
 from sqlalchemy import text
 
-from dlq_worker import config as config_mod, producer, samples
+from dlq_worker import config as config_mod
+from dlq_worker import producer, samples
 from dlq_worker.app import App
 from dlq_worker.embedded import PostgresProcess, RedisProcess
 
@@ -83,7 +85,7 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
                 "event_data->>'signal_name' AS signal FROM audit_events LIMIT 1")).one()
         click.echo(f"rows: audit_events={events} notification_audit={notes}")
         click.echo(f"sample row: {dict(sample._mapping)}")
-        parked = client.xrange("audit:dead-letter:events")
+        parked: Any = client.xrange("audit:dead-letter:events")
         click.echo(f"parked in audit:dead-letter:events: {len(parked)}")
         for entry_id, fields in parked:
             click.echo(f"  {entry_id.decode()}  reason={fields[b'reason'].decode()}  "
@@ -96,9 +98,10 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
             body = resp.read().decode()
         click.echo("selected metrics:")
         for line in body.splitlines():
-            if line.startswith(("dlq_worker_entries_written_total", "dlq_worker_entries_parked_total",
-                                "dlq_worker_flush_duration_seconds_count")) and \
-                    not line.rstrip().endswith(" 0.0"):
+            interesting = line.startswith((
+                "dlq_worker_entries_written_total", "dlq_worker_entries_parked_total",
+                "dlq_worker_flush_duration_seconds_count"))
+            if interesting and not line.rstrip().endswith(" 0.0"):
                 click.echo(f"  {line}")
         if keep:
             click.echo("servers kept running; Ctrl-C to stop")

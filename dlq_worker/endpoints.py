@@ -54,7 +54,7 @@ class HttpServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 return  # probes every few seconds are not events worth a log line
 
         self._server = ThreadingHTTPServer((host, port), Handler)

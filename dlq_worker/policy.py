@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from tenacity import wait_exponential_jitter
@@ -37,6 +38,9 @@ class BatchPolicy:
 
 def transient_wait(initial: float, maximum: float) -> wait_exponential_jitter:
     """Capped exponential backoff with jitter while a server is unavailable."""
+    # tenacity renamed ``initial`` to ``multiplier`` (9.2) and warns on the old name.
+    if "multiplier" in inspect.signature(wait_exponential_jitter).parameters:
+        return wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
     return wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
 
 

@@ -162,8 +162,9 @@ class Source:
             return []
         block = None if block_seconds is None else max(1, int(block_seconds * 1000))
         try:
+            streams: dict[Any, Any] = dict(ids)
             reply = self.client.xreadgroup(
-                self.group, self.consumer, dict(ids), count=count, block=block
+                self.group, self.consumer, streams, count=count, block=block
             )
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
@@ -177,7 +178,9 @@ class Source:
                 from exc
         return list(_entries(reply))
 
-    def autoclaim(self, stream: str, min_idle_seconds: float, count: int) -> tuple[list[Entry], int]:
+    def autoclaim(
+        self, stream: str, min_idle_seconds: float, count: int
+    ) -> tuple[list[Entry], int]:
         """Claim entries idle on any consumer, following the cursor until ``0-0``.
 
         Returns (claimed entries, number of pending IDs whose entry had been deleted).
@@ -208,7 +211,7 @@ class Source:
         if not ids:
             return []
         with translated(f"XCLAIM {stream}"):
-            reply = self.client.xclaim(stream, self.group, self.consumer, 0, list(ids))
+            reply: Any = self.client.xclaim(stream, self.group, self.consumer, 0, list(ids))
         return [Entry(stream, _text(i), f or {}) for i, f in reply if i is not None]
 
     def delivery_counts(self, stream: str, ids: Iterable[str]) -> dict[str, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import tenacity
@@ -89,7 +89,12 @@ class Worker:
         self._with_retry(self.discover)
         self.health.started()
         while not self.stopping:
-            self.step()
+            try:
+                self.step()
+            except TransientError:
+                if not self.stopping:
+                    raise
+                # a stop was requested and its deadline passed while a server was down
         self._drain_on_stop()
 
     def step(self) -> None:
@@ -248,7 +253,7 @@ class Worker:
                 records.append(decode_entry(self.streams[entry.stream], entry.fields))
                 record_entries.append(entry)
             except DecodeError as exc:
-                self._with_retry(lambda entry=entry, exc=exc: self._park(entry, exc))
+                self._park_now(entry, exc)
 
         if records:
             result = self._with_retry(lambda: self.sink.write(records))
@@ -279,7 +284,10 @@ class Worker:
         self.metrics.flush_seconds.observe(self.clock() - started)
         self.metrics.last_flush.set_to_current_time()
 
-    def _handle_rejected(self, rejected: list[tuple[Entry, PermanentError]]) -> None:
+    def _park_now(self, entry: Entry, err: PermanentError) -> None:
+        self._with_retry(lambda: self._park(entry, err))
+
+    def _handle_rejected(self, rejected: Sequence[tuple[Entry, PermanentError]]) -> None:
         w = self.config.worker
         by_stream: dict[str, list[str]] = {}
         for entry, _ in rejected:
@@ -345,11 +353,11 @@ class Worker:
         return self._deadline is not None and self.clock() >= self._deadline
 
     def _sleep(self, seconds: float) -> None:
-        if self._deadline is not None:
-            seconds = min(seconds, max(0.0, self._deadline - self.clock()))
-        self._wake.wait(seconds)
-        if not self.stopping:
+        if self._deadline is None:
+            self._wake.wait(seconds)  # a stop request cuts the wait short
             self._wake.clear()
+        else:
+            time.sleep(min(seconds, max(0.0, self._deadline - self.clock())))
         self.health.beat()
 
     def _on_transient(self, state: tenacity.RetryCallState) -> None:
@@ -360,6 +368,9 @@ class Worker:
         self.metrics.transient_errors.labels(server).inc()
         self.metrics.up.labels(server).set(0)
         wait = state.upcoming_sleep
+        n = state.attempt_number
+        if n > 4 and n & (n - 1) and n % 64:
+            return  # attempts 1, 2, 4, 8... then every 64th: an outage is not a log flood
         log.warning(
             f"{server} unavailable; retrying",
             extra={"event": "transient", "server": server, "error": str(exc),

@@ -1,0 +1,124 @@
+"""`dlq-worker run` as a real process: environment-only start, signals, exit codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from dlq_worker.embedded import free_port
+from tests.conftest import EVENTS, NOTIFICATIONS, Bed, fast_env, wait_until
+
+
+def _http_port_env() -> tuple[int, dict[str, str]]:
+    port = free_port()
+    return port, {"DLQ_WORKER_HTTP_PORT": str(port), "DLQ_WORKER_HTTP_HOST": "127.0.0.1"}
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def test_env_only_worker_drains_and_exits_0_on_sigterm(bed: Bed, spawn_worker: Any) -> None:
+    # Given a mixed backlog and a worker configured by the platform's env names only
+    events = bed.produce_events(2000)
+    bed.produce_notifications(500)
+    port, http_env = _http_port_env()
+    worker = spawn_worker({**bed.env(), **fast_env(), **http_env})
+
+    # When it has drained everything
+    wait_until(lambda: bed.drained(EVENTS, NOTIFICATIONS), 60, "drained")
+    wait_until(lambda: _ready(port), 15, "ready")
+    assert bed.count("audit_events") == len(events)
+    assert bed.count("notification_audit") == 500
+
+    # Then SIGTERM stops it with exit code 0, and its logs are JSON lines without secrets
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(15) == 0
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    assert {"started", "stream_found", "stopped"} <= {line.get("event") for line in lines}
+
+
+def test_sigterm_mid_drain_flushes_what_is_in_hand(bed: Bed, spawn_worker: Any) -> None:
+    # Given a worker draining a large backlog in small batches
+    bed.produce_events(6000)
+    worker = spawn_worker({**bed.env(), **fast_env(), "DLQ_WORKER_WORKER_BATCH_SIZE": "50",
+                           "DLQ_WORKER_HTTP_ENABLED": "false"})
+    wait_until(lambda: bed.count("audit_events") > 500, 60, "draining started")
+
+    # When SIGTERM arrives in the middle
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(15) == 0
+
+    # Then everything it took is committed and acked: no pending entry, rows = removed entries
+    assert bed.pending(EVENTS) == 0
+    assert bed.count("audit_events") == 6000 - bed.depth(EVENTS)
+    assert bed.depth(EVENTS) > 0, "the backlog was too small to stop mid-drain"
+
+
+def test_second_signal_exits_at_once_without_acking(bed: Bed, spawn_worker: Any) -> None:
+    # Given a worker holding a batch it cannot write (nothing listens on its DB port)
+    bed.produce_events(20)
+    env = {**bed.env(), **fast_env(), "DB_PORT": str(free_port()),
+           "DLQ_WORKER_WORKER_SHUTDOWN_TIMEOUT": "60s", "DLQ_WORKER_HTTP_ENABLED": "false"}
+    worker = spawn_worker(env)
+    wait_until(lambda: bed.pending(EVENTS) == 20, 30, "batch in hand")
+
+    # When it gets SIGTERM (it keeps trying to flush) and then SIGINT
+    worker.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGINT)
+    code = worker.proc.wait(10)
+
+    # Then it exits at once, non-zero, and nothing was acknowledged
+    assert time.monotonic() - started < 3
+    assert code == 130
+    assert bed.pending(EVENTS) == 20 and bed.depth(EVENTS) == 20
+
+
+def test_shutdown_timeout_bounds_exit_during_outage(bed: Bed, spawn_worker: Any) -> None:
+    bed.produce_events(10)
+    env = {**bed.env(), **fast_env(), "DB_PORT": str(free_port()),
+           "DLQ_WORKER_WORKER_SHUTDOWN_TIMEOUT": "2s", "DLQ_WORKER_HTTP_ENABLED": "false"}
+    worker = spawn_worker(env)
+    wait_until(lambda: bed.pending(EVENTS) == 10, 30, "batch in hand")
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(15) == 0
+    assert time.monotonic() - started < 5
+    # the entries stay pending for redelivery: nothing lost, nothing acked
+    assert bed.pending(EVENTS) == 10
+    assert "shutdown_incomplete" in worker.output()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dlq_worker", *args], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+
+
+def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Any) -> None:
+    path = tmp_path / "worker.yaml"
+    path.write_text("worker:\n  batch_sise: 10\n")
+    result = _cli("run", "-c", str(path), env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "worker.batch_sise" in lines[0] and "worker.batch_size" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_db_init_against_unreachable_server_exits_3() -> None:
+    result = _cli("db", "init", "--db-port", str(free_port()), "--db-host", "127.0.0.1",
+                  env={"PATH": "/usr/bin:/bin", "DB_PASSWORD": "hunter2-secret"})
+    assert result.returncode == 3
+    assert "startup failed" in result.stderr
+    assert "hunter2-secret" not in result.stderr + result.stdout

@@ -1,0 +1,127 @@
+"""Configuration: layers, the platform's env names, strictness, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from dlq_worker import config as config_mod
+from dlq_worker.cli import cli, main
+from dlq_worker.config import Config
+from dlq_worker.errors import ConfigError
+
+
+def load(env: dict[str, str] | None = None, path: Path | None = None,
+         **overrides: Any) -> Config:
+    return config_mod.load(path, env=env or {}, overrides=overrides or None)
+
+
+def test_defaults_follow_the_design() -> None:
+    cfg = load()
+    assert cfg.redis.db == 1  # never DB 0: it belongs to another service's cache
+    assert cfg.database.name == "action_history" and cfg.database.user == "slm_user"
+    assert cfg.streams.prefix == "audit:dlq:"
+    assert dict(cfg.streams.routes) == {"events": "audit_events",
+                                        "notifications": "notification_audit",
+                                        "notification": "notification_audit"}
+    assert cfg.streams.max_length == 10000 and cfg.streams.ttl == 168 * 3600
+
+
+def test_platform_env_names_work_without_a_file() -> None:
+    cfg = load({"REDIS_ADDR": "redis.svc:6380", "REDIS_DB": "3", "REDIS_PASSWORD": "rp",
+                "DB_HOST": "pg.svc", "DB_PORT": "5433", "DB_NAME": "x", "DB_USER": "u",
+                "DB_PASSWORD": "dp", "DB_SSLMODE": "require"})
+    assert (cfg.redis.host, cfg.redis.port, cfg.redis.db) == ("redis.svc", 6380, 3)
+    assert cfg.redis.password == "rp" and cfg.database.password == "dp"
+    assert (cfg.database.host, cfg.database.port, cfg.database.name) == ("pg.svc", 5433, "x")
+    assert cfg.database.sslmode == "require"
+
+
+def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text("worker:\n  batch_size: 10\n  linger: 100ms\nhttp:\n  port: 9000\n")
+    cfg = load({"DLQ_WORKER_WORKER_BATCH_SIZE": "20"}, path, http={"port": 9100})
+    assert cfg.worker.batch_size == 20  # env beats file
+    assert cfg.worker.linger == pytest.approx(0.1)  # file beats default
+    assert cfg.http.port == 9100  # flag beats file
+
+
+def test_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    cfg = load({"DB_PASSWORD_FILE": str(secret)})
+    assert cfg.database.password == "from-file"
+    assert "from-file" not in repr(cfg)
+
+
+def test_rediss_url_turns_on_tls() -> None:
+    cfg = load({"REDIS_ADDR": "rediss://redis.svc:6380"})
+    assert cfg.redis.use_tls and cfg.redis.port == 6380
+
+
+@pytest.mark.parametrize(("yaml_text", "env", "fragment"), [
+    ("worker:\n  batch_sise: 3\n", {}, "unknown key 'worker.batch_sise' (did you mean "
+                                       "'worker.batch_size'?)"),
+    ("wrker:\n  batch_size: 3\n", {}, "unknown section 'wrker'"),
+    ("worker:\n  batch_size: lots\n", {}, "'worker.batch_size' expects an integer"),
+    ("worker:\n  linger: soon\n", {}, "'worker.linger' expects a duration"),
+    ("worker:\n  batch_size: 0\n", {}, "'worker.batch_size' expects between 1 and 10000"),
+    ("database:\n  password: hunter2\n", {}, "'database.password' is a secret"),
+    ("database:\n  sslmode: maybe\n", {}, "'database.sslmode' expects one of"),
+    ("streams:\n  routes: {events: audit_event}\n", {}, "'streams.routes.events' expects a table"),
+    ("streams:\n  dead_letter_prefix: 'audit:dlq:dead:'\n", {}, "outside streams.prefix"),
+    ("", {"REDIS_ADDR": "redis.svc"}, "'redis.addr' expects host:port"),
+    ("", {"REDIS_ADDR": "redis://u:p@redis.svc:6379"}, "credentials in the address"),
+    ("", {"REDIS_DB": "one"}, "'redis.db' expects an integer"),
+    ("", {"DLQ_WORKER_WORKER_BACH_SIZE": "3"}, "unknown setting DLQ_WORKER_WORKER_BACH_SIZE"),
+    ("- a\n- b\n", {}, "the top level must be a mapping"),
+    ("worker: [\n", {}, "not valid YAML at line"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str],
+                                  fragment: str) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load(env, path)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_kubernetes_service_env_vars_are_not_settings() -> None:
+    # A Service named dlq-worker makes Kubernetes inject these into the pod.
+    cfg = load({"DLQ_WORKER_SERVICE_HOST": "10.0.0.1", "DLQ_WORKER_PORT_8080_TCP": "tcp://x"})
+    assert cfg.http.port == 8080
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(path=Path("/nonexistent/worker.yaml"))
+
+
+def test_example_worker_yaml_is_valid_and_complete() -> None:
+    path = Path(__file__).parents[2] / "worker.yaml"
+    cfg = load(path=path)
+    text = path.read_text()
+    for section, values in config_mod.describe(cfg).items():
+        for key in values:
+            if key != "password":
+                assert f"{key}:" in text, f"worker.yaml does not document {section}.{key}"
+
+
+def test_check_config_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DB_PASSWORD", "pw-never-shown")
+    result = CliRunner().invoke(cli, ["check-config", "--show", "--redis-db", "4"])
+    assert result.exit_code == 0, result.output
+    assert '"db": 4' in result.output and "pw-never-shown" not in result.output
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("http:\n  prot: 1\n")
+    monkeypatch.setattr("sys.argv", ["dlq-worker", "check-config", "-c", str(bad)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "unknown key 'http.prot'" in capsys.readouterr().err

@@ -1,0 +1,213 @@
+"""The decoder: the producers' exact wire format in, a row or a clear permanent error out."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import random
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dlq_worker import producer, samples
+from dlq_worker.decode import (
+    AUDIT_EVENTS,
+    MAX_ENVELOPE_BYTES,
+    NOTIFICATION_AUDIT,
+    Record,
+    decode_entry,
+    parse_timestamp,
+)
+from dlq_worker.errors import DecodeError, PermanentError
+
+CONTRACT_EXAMPLE = (
+    b'{"type":"audit_event","payload":{"event_id":"3f1c2b9e-7a4d-4c1e-9b2a-5d6e7f801234",'
+    b'"version":"1.0","event_timestamp":"2026-08-22T18:08:55.412345Z",'
+    b'"event_type":"gateway.signal.received","event_category":"gateway",'
+    b'"event_action":"received","event_outcome":"success","actor_type":"service",'
+    b'"actor_id":"gateway-service","resource_type":"Signal","resource_id":"fp-abc123",'
+    b'"correlation_id":"rr-2026-001","namespace":"default",'
+    b'"event_data":"eyJuYW1lc3BhY2UiOiJkZWZhdWx0Iiwic2lnbmFsX25hbWUiOiJIaWdoQ1BVIn0=",'
+    b'"severity":"info","duration_ms":12,"retention_days":2555,"is_sensitive":false},'
+    b'"timestamp":"2026-08-22T18:08:56.123456789Z","retry_count":0,'
+    b'"last_error":"database write failed"}'
+)
+
+
+def entry(message: bytes) -> dict[bytes, bytes]:
+    return {b"message": message}
+
+
+def test_contract_example() -> None:
+    record = decode_entry(AUDIT_EVENTS, entry(CONTRACT_EXAMPLE))
+    v = record.values
+    assert v["event_id"] == uuid.UUID("3f1c2b9e-7a4d-4c1e-9b2a-5d6e7f801234")
+    assert v["event_version"] == "1.0"
+    assert v["event_timestamp"] == dt.datetime(2026, 8, 22, 18, 8, 55, 412345, tzinfo=dt.UTC)
+    assert v["event_date"] == dt.date(2026, 8, 22)
+    assert v["event_data"] == {"namespace": "default", "signal_name": "HighCPU"}
+    assert v["duration_ms"] == 12 and v["retention_days"] == 2555 and v["is_sensitive"] is False
+    assert v["actor_ip"] is None and v["event_metadata"] is None
+    assert record.key == (v["event_id"], v["event_date"])
+    assert record.correlation_id == "rr-2026-001"
+
+
+def test_event_date_is_the_utc_date() -> None:
+    record = samples.audit_event(random.Random(1))
+    record["event_timestamp"] = "2026-08-31T23:30:00-02:00"  # already 1 September in UTC
+    out = decode_entry(AUDIT_EVENTS, entry(producer.build_message(producer.AUDIT_EVENT, record)))
+    assert out.values["event_date"] == dt.date(2026, 9, 1)
+
+
+def test_every_optional_field_and_base64_metadata() -> None:
+    record = samples.audit_event(random.Random(2), full=True)
+    record["parent_event_id"] = str(uuid.uuid4())
+    record["parent_event_date"] = "2026-11-01"
+    message = producer.build_message(producer.AUDIT_EVENT, record)
+    assert isinstance(json.loads(message)["payload"]["event_metadata"], str)  # base64 on wire
+    v = decode_entry(AUDIT_EVENTS, entry(message)).values
+    assert v["event_metadata"] == record["event_metadata"]
+    assert v["parent_event_date"] == dt.date(2026, 11, 1)
+    for name in ("actor_ip", "resource_name", "trace_id", "span_id", "cluster_id", "error_code",
+                 "error_message"):
+        assert v[name] == record[name]
+
+
+def test_plain_object_event_data_and_payload_as_string() -> None:
+    record = samples.audit_event(random.Random(3))
+    envelope = {"type": "audit_event", "payload": json.dumps(record)}
+    v = decode_entry(AUDIT_EVENTS, entry(json.dumps(envelope).encode())).values
+    assert v["event_data"] == record["event_data"]
+
+
+def test_notification_ignores_producer_zero_values() -> None:
+    record = samples.notification(random.Random(4))
+    out = decode_entry(NOTIFICATION_AUDIT,
+                       entry(producer.build_message(producer.NOTIFICATION, record)))
+    assert "id" not in out.values and "created_at" not in out.values
+    assert out.key == (record["notification_id"],)
+    assert out.values["sent_at"].tzinfo is not None
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2026-08-22T18:08:56.123456789Z", dt.datetime(2026, 8, 22, 18, 8, 56, 123456, tzinfo=dt.UTC)),
+    ("2026-08-22T18:08:56Z", dt.datetime(2026, 8, 22, 18, 8, 56, tzinfo=dt.UTC)),
+    ("2026-08-22T18:08:56.1+02:00", dt.datetime(2026, 8, 22, 16, 8, 56, 100000, tzinfo=dt.UTC)),
+    ("0001-01-01T00:00:00Z", dt.datetime(1, 1, 1, tzinfo=dt.UTC)),
+])
+def test_go_timestamps(text: str, expected: dt.datetime) -> None:
+    assert parse_timestamp(text, "t") == expected
+
+
+@pytest.mark.parametrize("text", ["2026-08-22", "2026-13-01T00:00:00Z", "yesterday",
+                                  "2026-08-22T18:08:56.1234567890Z", "2026-08-22T18:08:56"])
+def test_bad_timestamps(text: str) -> None:
+    with pytest.raises(DecodeError) as err:
+        parse_timestamp(text, "event_timestamp")
+    assert err.value.reason == "bad_timestamp"
+
+
+def _event_with(**changes: Any) -> bytes:
+    record = samples.audit_event(random.Random(5))
+    for key, value in changes.items():
+        if value is _DROP:
+            record.pop(key)
+        else:
+            record[key] = value
+    return producer.build_message(producer.AUDIT_EVENT, record)
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({b"msg": b"{}"}, "no_message"),
+    ({b"message": b"{not json"}, "bad_json"),
+    ({b"message": b"[]"}, "bad_envelope"),
+    ({b"message": b'{"type":"audit_event"}'}, "bad_payload"),
+    ({b"message": b'{"payload":"[1]"}'}, "bad_payload"),
+    ({b"message": b"\xff\xfe"}, "bad_json"),
+    ({b"message": _event_with(event_id="nope")}, "bad_uuid"),
+    ({b"message": _event_with(event_type=_DROP)}, "missing_field"),
+    ({b"message": _event_with(event_data="!!notbase64!!")}, "bad_base64"),
+    ({b"message": _event_with(event_data=base64.b64encode(b"[1,2]").decode())}, "bad_json"),
+    ({b"message": _event_with(event_timestamp="soon")}, "bad_timestamp"),
+    ({b"message": _event_with(retention_days=0)}, "bad_value"),
+    ({b"message": _event_with(retention_days="7")}, "bad_type"),
+    ({b"message": _event_with(duration_ms=True)}, "bad_type"),
+    ({b"message": _event_with(duration_ms=2**40)}, "bad_value"),
+    ({b"message": _event_with(is_sensitive="no")}, "bad_type"),
+    ({b"message": _event_with(actor_id="a\x00b")}, "bad_value"),
+    ({b"message": b'{"payload":{}}' + b" " * MAX_ENVELOPE_BYTES}, "too_large"),
+])
+def test_malformed_entries_name_their_reason(fields: dict[bytes, bytes], reason: str) -> None:
+    with pytest.raises(DecodeError) as err:
+        decode_entry(AUDIT_EVENTS, fields)
+    assert err.value.reason == reason
+
+
+def test_notification_enums_are_checked() -> None:
+    record = samples.notification(random.Random(6))
+    record["channel"] = "fax"
+    with pytest.raises(DecodeError, match="channel"):
+        decode_entry(NOTIFICATION_AUDIT,
+                     entry(producer.build_message(producer.NOTIFICATION, record)))
+
+
+def test_error_messages_never_carry_payload_values() -> None:
+    secret = "s3cr3t-token-value"
+    with pytest.raises(DecodeError) as err:
+        decode_entry(AUDIT_EVENTS, entry(_event_with(event_id=secret)))
+    assert secret not in str(err.value)
+
+
+# -- properties: arbitrary input never crashes the decoder --
+
+def _outcome(fields: dict[bytes, bytes]) -> Record | PermanentError:
+    try:
+        return decode_entry(AUDIT_EVENTS, fields)
+    except PermanentError as exc:
+        return exc
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes_yield_a_permanent_error(raw: bytes) -> None:
+    assert isinstance(_outcome({b"message": raw}), PermanentError | Record)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
+                                                                        children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(sorted(samples.audit_event(random.Random(0)))), value=_json,
+       drop=st.booleans())
+def test_mutated_valid_envelopes_yield_a_row_or_a_permanent_error(field: str, value: Any,
+                                                                  drop: bool) -> None:
+    record = samples.audit_event(random.Random(9))
+    if drop:
+        record.pop(field)
+    else:
+        record[field] = value
+    result = _outcome({b"message": producer.build_message(producer.AUDIT_EVENT, record)})
+    assert isinstance(result, Record | PermanentError)
+    if isinstance(result, Record):
+        assert result.values["event_id"] is not None and result.values["event_data"] is not None
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.text(max_size=10), _json, max_size=6))
+def test_arbitrary_notification_payloads(payload: dict[str, Any]) -> None:
+    message = json.dumps({"type": "notification_audit", "payload": payload}).encode()
+    with contextlib.suppress(PermanentError):
+        decode_entry(NOTIFICATION_AUDIT, {b"message": message})
