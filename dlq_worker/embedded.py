@@ -89,6 +89,41 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise StartupError(f"{what} did not listen on port {port} within {timeout:.0f}s")
 
 
+def wait_redis(port: int, timeout: float = 30.0) -> None:
+    """Until Redis on ``port`` answers PING (it refuses while loading its AOF)."""
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=2)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def wait_postgres(port: int, timeout: float = 60.0) -> None:
+    """Until PostgreSQL on ``port`` accepts a connection (not during recovery)."""
+    import psycopg2
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg2.connect(host="127.0.0.1", port=port, user="postgres",
+                             dbname="postgres", connect_timeout=2).close()
+            return
+        except psycopg2.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class RedisProcess:
     """A redis-server on 127.0.0.1 with AOF on (``appendfsync always``) by default."""
 
@@ -121,25 +156,8 @@ class RedisProcess:
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, self.proc, "redis-server", timeout, log_path)
-        self._wait_loaded(timeout)
+        wait_redis(self.port, timeout)
         return self
-
-    def _wait_loaded(self, timeout: float) -> None:
-        import redis
-
-        client = redis.Redis(port=self.port, socket_timeout=2)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.BusyLoadingError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        finally:
-            client.close()
 
     def stop(self) -> None:
         """Clean shutdown (SIGTERM: Redis flushes its AOF)."""
@@ -217,22 +235,8 @@ class PostgresProcess:
         finally:
             log_file.close()
         _wait_port(self.port, self.proc, "postgres", timeout, log_path)
-        self._wait_accepting(timeout)
+        wait_postgres(self.port, timeout)
         return self
-
-    def _wait_accepting(self, timeout: float) -> None:
-        import psycopg2
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
-                                 dbname="postgres", connect_timeout=2).close()
-                return
-            except psycopg2.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
     def create_database(self, name: str) -> None:
         import psycopg2

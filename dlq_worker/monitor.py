@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 #: the server, so nothing but a number crosses the network).
 _COUNT_DELIVERED = "return #redis.call('XRANGE', KEYS[1], '-', ARGV[1])"
 
+#: Raises a stream's recorded count of entries trimmed unread and returns by how much,
+#: atomically: with several replicas polling, each loss is counted by exactly one, and a
+#: loss that happened while no worker ran is counted by the first one to start.
+_RAISE_LOST = """
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+local new = tonumber(ARGV[2])
+if new <= old then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+if old < 0 then return new end
+return new - old
+"""
+
+#: Where that count lives, in the DLQ's database (a hash, outside the stream prefixes).
+LOST_KEY = "dlq-worker:trimmed-unread"
+
 MEMORY_WARN_RATIO = 0.9
 
 
@@ -134,7 +149,7 @@ class Monitor:
         self.client = make_client(config.redis)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
-        self._lost: dict[str, int] = {}
+        self._raise_lost = self.client.register_script(_RAISE_LOST)
         self._durability_logged: set[str] = set()
         metrics.retention.set(float(config.streams.ttl))
 
@@ -175,12 +190,12 @@ class Monitor:
         """Refresh every stream's gauges and the durability warnings."""
         missing: list[str] = []
         for stream in self.streams():
-            try:
+            try:  # a failed poll must not end the thread
                 stats = stream_stats(self.client, self.config, stream)
+                self.record(stats)
             except Exception as exc:
                 log.debug("stream stats failed", extra={"stream": stream, "error": str(exc)})
                 continue
-            self.record(stats)
             if not stats.group_exists:
                 missing.append(stream)
         self.health.set_groups_missing(missing)
@@ -201,20 +216,14 @@ class Monitor:
         m.oldest_age.labels(s.stream).set(s.oldest_age_seconds or 0.0)
         m.consumers.labels(s.stream).set(s.consumers)
         m.dead_letter_depth.labels(s.stream).set(s.dead_letter_depth)
-        if s.lost_unread is None:
-            return
-        previous = self._lost.get(s.stream)
-        self._lost[s.stream] = s.lost_unread
-        if previous is None:
-            if s.lost_unread:
-                log.error("entries were trimmed from the DLQ before the group read them",
-                          extra={"event": "trimmed_unread", "stream": s.stream,
-                                 "entries_since_group_created": s.lost_unread})
-        elif s.lost_unread > previous:
-            m.trimmed_unread.labels(s.stream).inc(s.lost_unread - previous)
-            log.error("AUDIT LOSS: entries trimmed from the DLQ before the group read them",
-                      extra={"event": "trimmed_unread", "stream": s.stream,
-                             "entries": s.lost_unread - previous})
+        if s.lost_unread is not None:
+            with translated(f"HSET {LOST_KEY}"):
+                new = int(self._raise_lost(keys=[LOST_KEY], args=[s.stream, s.lost_unread]))
+            if new:
+                m.trimmed_unread.labels(s.stream).inc(new)
+                log.error("AUDIT LOSS: entries trimmed from the DLQ before the group read them",
+                          extra={"event": "trimmed_unread", "stream": s.stream, "entries": new,
+                                 "since_group_created": s.lost_unread})
         if s.oldest_age_seconds and s.oldest_age_seconds > float(self.config.streams.ttl):
             log.warning("DLQ entry older than the retention: still kept, never deleted",
                         extra={"event": "entry_past_retention", "stream": s.stream,

@@ -231,6 +231,10 @@ class Sink:
     def _create_partitions(self, conn: Connection, months: list[dt.date]) -> list[str]:
         created: list[str] = []
         for month in months:
+            exists = conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"),
+                                  {"name": partition_name(month)}).scalar_one()
+            if exists:
+                continue
             savepoint = conn.begin_nested()
             try:
                 conn.exec_driver_sql(partition_ddl(month))

@@ -254,3 +254,29 @@ def fast_env() -> dict[str, str]:
         for key, value in values.items():
             env[f"DLQ_WORKER_{section.upper()}_{key.upper()}"] = str(value)
     return env
+
+
+@dataclass
+class OwnedBed(Bed):
+    """A Bed on servers this test owns, so it may stop, kill and restart them."""
+
+    redis_server: Any = None
+    pg_server: Any = None
+
+
+@pytest.fixture
+def owned(servers: Servers) -> Iterator[OwnedBed]:
+    redis_server = servers.redis(appendonly=True)
+    pg_server = servers.postgres()
+    make_template(pg_server.port)
+    create_database(pg_server.port, "dlq", template="dlq_template")
+    client = redis.Redis(port=redis_server.port, db=1)
+    engine = create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{pg_server.port}/dlq",
+                           pool_pre_ping=True)
+    bed = OwnedBed(redis_server.port, pg_server.port, "dlq", client, engine,
+                   redis_server=redis_server, pg_server=pg_server)
+    yield bed
+    engine.dispose()
+    client.close()
+    for server in (redis_server, pg_server):
+        server.kill()

@@ -24,7 +24,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from dlq_worker.embedded import PostgresProcess, RedisProcess, free_port
+from dlq_worker.embedded import (
+    PostgresProcess,
+    RedisProcess,
+    free_port,
+    wait_postgres,
+    wait_redis,
+)
 
 
 class Server(Protocol):
@@ -101,37 +107,12 @@ class ContainerServer:
             self.container.remove(force=True)
 
 
-def _redis_ready(server: Any, timeout: float = 30) -> None:
-    import redis
-
-    client = redis.Redis(port=server.port, socket_timeout=2)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-    finally:
-        client.close()
+def _redis_ready(server: Any) -> None:
+    wait_redis(server.port, 30)
 
 
-def _postgres_ready(server: Any, timeout: float = 60) -> None:
-    import psycopg2
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg2.connect(host="127.0.0.1", port=server.port, user="postgres",
-                             dbname="postgres", connect_timeout=2).close()
-            return
-        except psycopg2.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def _postgres_ready(server: Any) -> None:
+    wait_postgres(server.port, 60)
 
 
 class Servers:

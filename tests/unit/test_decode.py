@@ -25,18 +25,7 @@ from dlq_worker.decode import (
 )
 from dlq_worker.errors import DecodeError, PermanentError
 
-CONTRACT_EXAMPLE = (
-    b'{"type":"audit_event","payload":{"event_id":"3f1c2b9e-7a4d-4c1e-9b2a-5d6e7f801234",'
-    b'"version":"1.0","event_timestamp":"2026-08-22T18:08:55.412345Z",'
-    b'"event_type":"gateway.signal.received","event_category":"gateway",'
-    b'"event_action":"received","event_outcome":"success","actor_type":"service",'
-    b'"actor_id":"gateway-service","resource_type":"Signal","resource_id":"fp-abc123",'
-    b'"correlation_id":"rr-2026-001","namespace":"default",'
-    b'"event_data":"eyJuYW1lc3BhY2UiOiJkZWZhdWx0Iiwic2lnbmFsX25hbWUiOiJIaWdoQ1BVIn0=",'
-    b'"severity":"info","duration_ms":12,"retention_days":2555,"is_sensitive":false},'
-    b'"timestamp":"2026-08-22T18:08:56.123456789Z","retry_count":0,'
-    b'"last_error":"database write failed"}'
-)
+CONTRACT_EXAMPLE = samples.contract_example()
 
 
 def entry(message: bytes) -> dict[bytes, bytes]:
