@@ -214,6 +214,13 @@ class Source:
             reply: Any = self.client.xclaim(stream, self.group, self.consumer, 0, list(ids))
         return [Entry(stream, _text(i), f or {}) for i, f in reply if i is not None]
 
+    def touch(self, stream: str, ids: Sequence[str]) -> None:
+        """Reset the idle time of entries we hold (XCLAIM JUSTID: the count is not bumped),
+        so that other workers do not claim them while we wait out an outage."""
+        if ids:
+            with translated(f"XCLAIM JUSTID {stream}"):
+                self.client.xclaim(stream, self.group, self.consumer, 0, list(ids), justid=True)
+
     def delivery_counts(self, stream: str, ids: Iterable[str]) -> dict[str, int]:
         """XPENDING's delivery counter for each ID still pending."""
         counts: dict[str, int] = {}

@@ -68,6 +68,7 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._deadline: float | None = None
+        self._touched_at = 0.0
 
     # -- lifecycle --
 
@@ -349,6 +350,21 @@ class Worker:
         result = retrying(fn)
         return result
 
+    def _keep_in_hand(self) -> None:
+        """During a database outage, keep other workers from claiming what we hold."""
+        now = self.clock()
+        if not self._in_hand or now - self._touched_at < float(self.config.worker.claim_idle) / 3:
+            return
+        self._touched_at = now
+        ids: dict[str, list[str]] = {}
+        for stream, entry_id in self._in_hand:
+            ids.setdefault(stream, []).append(entry_id)
+        try:
+            for stream, stream_ids in ids.items():
+                self.source.touch(stream, stream_ids)
+        except TransientError:
+            pass  # Redis is down too: nobody can claim them either
+
     def _past_deadline(self, state: tenacity.RetryCallState) -> bool:
         return self._deadline is not None and self.clock() >= self._deadline
 
@@ -367,6 +383,8 @@ class Worker:
             self.health.failed(server, str(exc))
         self.metrics.transient_errors.labels(server).inc()
         self.metrics.up.labels(server).set(0)
+        if server == "postgres":
+            self._keep_in_hand()
         wait = state.upcoming_sleep
         n = state.attempt_number
         if n > 4 and n & (n - 1) and n % 64:

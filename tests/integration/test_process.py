@@ -32,7 +32,8 @@ def test_env_only_worker_drains_and_exits_0_on_sigterm(bed: Bed, spawn_worker: A
     events = bed.produce_events(2000)
     bed.produce_notifications(500)
     port, http_env = _http_port_env()
-    worker = spawn_worker({**bed.env(), **fast_env(), **http_env})
+    secret = "pw-7f3a-never-logged"  # trust auth accepts it; it must never be shown
+    worker = spawn_worker({**bed.env(), **fast_env(), **http_env, "DB_PASSWORD": secret})
 
     # When it has drained everything
     wait_until(lambda: bed.drained(EVENTS, NOTIFICATIONS), 60, "drained")
@@ -41,8 +42,11 @@ def test_env_only_worker_drains_and_exits_0_on_sigterm(bed: Bed, spawn_worker: A
     assert bed.count("notification_audit") == 500
 
     # Then SIGTERM stops it with exit code 0, and its logs are JSON lines without secrets
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert secret.encode() not in resp.read()
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(15) == 0
+    assert secret not in worker.output()
     lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
     assert {"started", "stream_found", "stopped"} <= {line.get("event") for line in lines}
 

@@ -170,10 +170,14 @@ def test_arbitrary_bytes_yield_a_permanent_error(raw: bytes) -> None:
     assert isinstance(_outcome({b"message": raw}), PermanentError | Record)
 
 
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.lists(children, max_size=4),
+                     st.dictionaries(st.text(max_size=8), children, max_size=4))
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
-                                                                        children, max_size=4),
+    _containers,
     max_leaves=20,
 )
 
