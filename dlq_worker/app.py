@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
+EXIT_NOT_FOUND = 4
 EXIT_FORCED = 130
 
 

@@ -11,9 +11,15 @@ import click
 
 from dlq_worker import __version__, logs
 from dlq_worker import config as config_mod
-from dlq_worker.app import EXIT_CONFIG, EXIT_STARTUP, serve
+from dlq_worker.app import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_STARTUP, serve
 from dlq_worker.config import Config
-from dlq_worker.errors import ConfigError, DlqWorkerError, StartupError, TransientError
+from dlq_worker.errors import (
+    ConfigError,
+    DlqWorkerError,
+    NotFound,
+    StartupError,
+    TransientError,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -166,6 +172,16 @@ def main() -> None:
     except StartupError as exc:
         click.echo(f"dlq-worker: startup failed: {exc}", err=True)
         sys.exit(EXIT_STARTUP)
+    except TransientError as exc:
+        click.echo(f"dlq-worker: unavailable: {exc}", err=True)
+        sys.exit(EXIT_STARTUP)
+    except NotFound as exc:
+        click.echo(f"dlq-worker: {exc}", err=True)
+        sys.exit(EXIT_NOT_FOUND)
     except DlqWorkerError as exc:
         click.echo(f"dlq-worker: {exc}", err=True)
         sys.exit(1)
+
+
+# The operator commands register themselves on ``cli``.
+from dlq_worker import cli_ops  # noqa: E402, F401

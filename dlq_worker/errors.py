@@ -6,6 +6,7 @@ Library errors (redis-py, SQLAlchemy/psycopg2) are translated where they enter
     DlqWorkerError
     ├── ConfigError              bad configuration: one line naming the key; exit 2
     ├── StartupError             a server could not be reached at start; exit 3
+    ├── NotFound                 an operator named a stream, ID or entry that is not there; exit 4
     ├── TransientError           the server is unreachable or busy: keep the batch in hand,
     │   │                        back off, never ack, never count it against the entry
     │   ├── RedisUnavailable
@@ -30,6 +31,10 @@ class ConfigError(DlqWorkerError):
 
 class StartupError(DlqWorkerError):
     """A dependency could not be reached or prepared when the worker started."""
+
+
+class NotFound(DlqWorkerError):
+    """An operator command named a stream, an entry ID or a parked entry that does not exist."""
 
 
 class TransientError(DlqWorkerError):

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -59,7 +59,6 @@ class StreamStats:
     #: Entries added that the group never read and that are gone (trimmed), since the
     #: group was created; None where Redis cannot tell (older than 7.0, tombstones).
     lost_unread: int | None = None
-    consumer_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -131,13 +131,18 @@ class Sink:
                 conn.exec_driver_sql(partition_ddl(month))
         return [partition_name(m) for m in months]
 
-    def missing_tables(self) -> list[str]:
+    def existing_tables(self, names: list[str]) -> set[str]:
+        """Which of these relations exist (on the search path)."""
         with self._translated(), self.engine.connect() as conn:
             rows = conn.execute(
-                text("SELECT c.relname FROM pg_class c WHERE c.relname = ANY(:names)"),
-                {"names": list(TABLES)},
+                text("SELECT n FROM unnest(CAST(:names AS text[])) AS n "
+                     "WHERE to_regclass(n) IS NOT NULL"),
+                {"names": names},
             ).scalars()
-            present = set(rows)
+            return set(rows)
+
+    def missing_tables(self) -> list[str]:
+        present = self.existing_tables(list(TABLES))
         return [name for name in TABLES if name not in present]
 
     # -- internals --
