@@ -10,6 +10,8 @@ those are transient too and the worker waits, not ready, until someone fixes it.
 
 from __future__ import annotations
 
+import re
+
 from dlq_worker.errors import DatabaseUnavailable, MissingPartition, RejectedError
 
 _PERMANENT_CLASSES = ("22", "23")
@@ -31,11 +33,20 @@ _REASONS = {
 }
 
 
+#: A quoted literal after a colon is a value from the row (``invalid input syntax for
+#: type inet: "10.0.0.999"``): audit data, never for logs. Quoted names before it stay.
+_VALUE = re.compile(r'(:\s*)"[^"]*"')
+
+
+def redact(message: str) -> str:
+    return _VALUE.sub(r'\1"<value>"', message)
+
+
 def classify_database_error(
     sqlstate: str | None, message: str
 ) -> DatabaseUnavailable | RejectedError:
     """The worker's view of a database error: DatabaseUnavailable or RejectedError."""
-    first_line = (message or "").strip().splitlines()[0][:240] if message else ""
+    first_line = redact((message or "").strip().splitlines()[0][:240]) if message else ""
     if sqlstate and (sqlstate[:2] in _PERMANENT_CLASSES or sqlstate in _PERMANENT_CODES):
         if sqlstate == "23514" and _NO_PARTITION in first_line:
             return MissingPartition(first_line, sqlstate=sqlstate)

@@ -85,6 +85,8 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"message is not JSON: {_short(exc)}", reason="bad_json") from None
+    except RecursionError:
+        raise DecodeError("message nests too deeply", reason="bad_json") from None
     if not isinstance(doc, dict):
         raise DecodeError("message is not a JSON object", reason="bad_envelope")
 
@@ -96,6 +98,8 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
             raise DecodeError(
                 f"payload string is not JSON: {_short(exc)}", reason="bad_payload"
             ) from None
+        except RecursionError:
+            raise DecodeError("payload nests too deeply", reason="bad_payload") from None
     if not isinstance(payload, dict):
         raise DecodeError("payload is missing or not a JSON object", reason="bad_payload")
 
@@ -124,19 +128,19 @@ def parse_timestamp(value: object, field: str) -> dt.datetime:
         raise DecodeError(f"{field}: not an RFC 3339 timestamp", reason="bad_timestamp")
     year, month, day, hour, minute, second, frac, zone = m.groups()
     micros = int((frac or "0")[:6].ljust(6, "0"))
-    if zone in ("Z", "z"):
-        tz = dt.UTC
-    else:
-        sign = 1 if zone[0] == "+" else -1
-        offset = dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-        tz = dt.timezone(sign * offset)
     try:
+        if zone in ("Z", "z"):
+            tz = dt.UTC
+        else:
+            sign = 1 if zone[0] == "+" else -1
+            offset = dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+            tz = dt.timezone(sign * offset)
         stamp = dt.datetime(
             int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=tz
         )
-    except ValueError:
+        return stamp.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
         raise DecodeError(f"{field}: not a valid date/time", reason="bad_timestamp") from None
-    return stamp.astimezone(dt.UTC)
 
 
 def _lenient_timestamp(value: object) -> dt.datetime | None:
@@ -196,12 +200,10 @@ def _decode_audit_event(p: dict[str, Any]) -> Record:
 def _decode_notification(p: dict[str, Any]) -> Record:
     channel = _str(p, "channel", required=True)
     if channel not in CHANNELS:
-        raise DecodeError(f"channel: {channel!r} is not one of {sorted(CHANNELS)}",
-                          reason="bad_value")
+        raise DecodeError(f"channel: not one of {sorted(CHANNELS)}", reason="bad_value")
     status = _str(p, "status", required=True)
     if status not in STATUSES:
-        raise DecodeError(f"status: {status!r} is not one of {sorted(STATUSES)}",
-                          reason="bad_value")
+        raise DecodeError(f"status: not one of {sorted(STATUSES)}", reason="bad_value")
     notification_id = _str(p, "notification_id", required=True)
     if not notification_id:
         raise DecodeError("notification_id: must not be empty", reason="missing_field")
@@ -247,6 +249,11 @@ def _str(p: Mapping[str, Any], name: str, *, required: bool = False) -> Any:
         raise DecodeError(f"{name}: expected a string", reason="bad_type")
     if "\x00" in value:
         raise DecodeError(f"{name}: contains a NUL character", reason="bad_value")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DecodeError(f"{name}: not valid Unicode (lone surrogate)", reason="bad_value") \
+            from None
     return value
 
 
@@ -306,7 +313,7 @@ def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> 
         raise DecodeError(f"{name}: not valid base64", reason="bad_base64") from None
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise DecodeError(f"{name}: base64 does not hold JSON", reason="bad_json") from None
     if not isinstance(doc, dict):
         raise DecodeError(f"{name}: JSON is not an object", reason="bad_json")

@@ -7,6 +7,7 @@ Library errors (redis-py, SQLAlchemy/psycopg2) are translated where they enter
     ├── ConfigError              bad configuration: one line naming the key; exit 2
     ├── StartupError             a server could not be reached at start; exit 3
     ├── NotFound                 an operator named a stream, ID or entry that is not there; exit 4
+    ├── StreamGone               a DLQ stream (or its group) vanished: forget it, rediscover
     ├── TransientError           the server is unreachable or busy: keep the batch in hand,
     │   │                        back off, never ack, never count it against the entry
     │   ├── RedisUnavailable
@@ -35,6 +36,15 @@ class StartupError(DlqWorkerError):
 
 class NotFound(DlqWorkerError):
     """An operator command named a stream, an entry ID or a parked entry that does not exist."""
+
+
+class StreamGone(DlqWorkerError):
+    """A stream or its consumer group no longer exists (deleted, evicted, Redis restarted
+    without persistence). Not an outage: the loop drops the stream and rediscovers it."""
+
+    def __init__(self, streams: list[str]) -> None:
+        super().__init__(f"stream or group gone: {', '.join(streams)}")
+        self.streams = streams
 
 
 class TransientError(DlqWorkerError):

@@ -4,6 +4,10 @@ Liveness means the loop is turning (a heartbeat). Readiness means Redis and
 PostgreSQL answer and the group exists on every stream found; a server that has
 failed for less than ``unready_after`` does not yet make the worker unready, so a
 blip does not flap the pod out of its Service.
+
+Two observers report on each server: the monitor's probes (PING, SELECT 1) and the
+loop's own work. Each clears only its own failures: a server that answers a ping but
+fails every insert (a missing table, a missing privilege) keeps the worker unready.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ class Health:
     clock: Callable[[], float] = time.monotonic
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _heartbeat: float | None = None
-    _servers: dict[str, _ServerState] = field(
-        default_factory=lambda: {name: _ServerState() for name in SERVERS}
+    _servers: dict[tuple[str, str], _ServerState] = field(
+        default_factory=lambda: {(name, src): _ServerState() for name in SERVERS
+                                 for src in ("probe", "loop")}
     )
     _checked: set[str] = field(default_factory=set)
     _groups_missing: list[str] = field(default_factory=list)
@@ -45,18 +50,20 @@ class Health:
         with self._lock:
             self._started = True
 
-    def ok(self, server: str) -> None:
+    def ok(self, server: str, source: str = "probe") -> None:
         with self._lock:
-            self._servers[server] = _ServerState()
-            self._checked.add(server)
+            self._servers[(server, source)] = _ServerState()
+            if source == "probe":
+                self._checked.add(server)
 
-    def failed(self, server: str, reason: str) -> None:
+    def failed(self, server: str, reason: str, source: str = "probe") -> None:
         with self._lock:
-            state = self._servers[server]
+            state = self._servers[(server, source)]
             if state.failing_since is None:
                 state.failing_since = self.clock()
             state.reason = reason[:200]
-            self._checked.add(server)
+            if source == "probe":
+                self._checked.add(server)
 
     def set_groups_missing(self, streams: list[str]) -> None:
         with self._lock:
@@ -82,10 +89,11 @@ class Health:
         with self._lock:
             if not self._started:
                 reasons.append("starting")
-            for name, state in self._servers.items():
+            for name in SERVERS:
                 if name not in self._checked:
                     reasons.append(f"{name}: not checked yet")
-                elif state.failing_since is not None and (
+            for (name, _), state in self._servers.items():
+                if state.failing_since is not None and (
                     now - state.failing_since >= self.unready_after
                 ):
                     reasons.append(f"{name}: {state.reason}")

@@ -24,9 +24,29 @@ from dlq_worker.source import make_client, translated
 
 log = logging.getLogger(__name__)
 
-#: Entries still in the stream at or before the group's last-delivered ID (counted in
-#: the server, so nothing but a number crosses the network).
-_COUNT_DELIVERED = "return #redis.call('XRANGE', KEYS[1], '-', ARGV[1])"
+#: One stream's figures in one atomic step: depth, first ID, parked depth, and for the
+#: group: pending, lag, consumers, and how many entries at or before its last-delivered
+#: ID are still present (counted in the server: only numbers cross the network).
+_SNAPSHOT = """
+local function get(t, name)
+  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
+  return false
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local first = get(info, 'first-entry')
+local out = {get(info, 'length'), first and first[1] or false, redis.call('XLEN', KEYS[2]), 0}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if get(g, 'name') == ARGV[1] then
+    local last = get(g, 'last-delivered-id')
+    out[4] = 1
+    out[5] = get(g, 'pending')
+    out[6] = get(g, 'lag')
+    out[7] = get(g, 'consumers')
+    out[8] = #redis.call('XRANGE', KEYS[1], '-', last)
+  end
+end
+return out
+"""
 
 #: Raises a stream's recorded count of entries trimmed unread and returns by how much,
 #: atomically: with several replicas polling, each loss is counted by exactly one, and a
@@ -72,37 +92,32 @@ class RedisDurability:
 
 
 def stream_stats(client: redis.Redis, config: Config, stream: str) -> StreamStats:
-    """XINFO-based figures for one DLQ stream, as the group sees them."""
-    group = config.streams.group
+    """Figures for one DLQ stream as the group sees them, read in one atomic step.
+
+    A script, not three calls: between separate XINFO STREAM, XINFO GROUPS and XRANGE
+    calls a producer's writes would look like entries lost to trimming.
+    """
     dead_letter = config.streams.dead_letter_prefix + stream[len(config.streams.prefix):]
-    with translated(f"XINFO {stream}"):
-        info = client.xinfo_stream(stream)
-        groups = client.xinfo_groups(stream)
-        dead_depth = int(client.xlen(dead_letter))
-    mine = next((g for g in groups if _text(g.get("name")) == group), None)
-    first = info.get("first-entry")
+    with translated(f"XINFO {stream}", stream):
+        reply: Any = client.eval(_SNAPSHOT, 2, stream, dead_letter, config.streams.group)
+    depth, first_id, dead_depth, has_group = (int(reply[0]), reply[1], int(reply[2]),
+                                              bool(reply[3]))
     oldest = None
-    if first:
-        ms = int(_text(first[0]).split("-", 1)[0])
+    if first_id:
+        ms = int(_text(first_id).split("-", 1)[0])
         oldest = max(0.0, time.time() - ms / 1000.0)
-    stats = StreamStats(
-        stream=stream,
-        depth=int(info.get("length", 0)),
-        pending=int(mine["pending"]) if mine else None,
-        lag=_int_or_none(mine.get("lag")) if mine else None,
-        oldest_age_seconds=oldest,
-        consumers=int(mine["consumers"]) if mine else 0,
-        group_exists=mine is not None,
-        dead_letter_depth=dead_depth,
-    )
-    if mine is not None and stats.lag is not None:
-        # lag counts entries added after the group's last read, present or not; the ones
-        # still present are the stream minus those at or before last-delivered-id.
-        last = _text(mine.get("last-delivered-id", "0-0"))
-        with translated(f"XRANGE {stream}"):
-            delivered_present = int(client.eval(_COUNT_DELIVERED, 1, stream, last))
-        unread_present = stats.depth - delivered_present
-        stats.lost_unread = max(0, stats.lag - unread_present)
+    stats = StreamStats(stream=stream, depth=depth, pending=None, lag=None,
+                        oldest_age_seconds=oldest, consumers=0, group_exists=has_group,
+                        dead_letter_depth=dead_depth)
+    if has_group:
+        pending, lag, consumers, delivered_present = reply[4], reply[5], reply[6], reply[7]
+        stats.pending = int(pending)
+        stats.lag = _int_or_none(lag)
+        stats.consumers = int(consumers)
+        if stats.lag is not None:
+            # lag counts entries added after the group's last read, present or not; the
+            # ones still present are the stream minus those at or before last-delivered-id.
+            stats.lost_unread = max(0, stats.lag - (depth - int(delivered_present)))
     return stats
 
 
@@ -165,6 +180,8 @@ class Monitor:
         next_stats = 0.0
         while not self._stop.is_set():
             self.check_servers()
+            ready, _, _ = self.health.ready()
+            self.metrics.ready.set(1 if ready else 0)
             if time.monotonic() >= next_stats:
                 self.poll()
                 next_stats = time.monotonic() + float(self.config.worker.stats_interval)

@@ -177,6 +177,10 @@ class Sink:
             returned = conn.execute(stmt, rows).all()
         except sa_exc.DBAPIError as exc:
             raise _translate(exc) from exc
+        except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
+            # The driver could not encode a value (psycopg2 raises these unwrapped).
+            raise RejectedError(f"value cannot be sent to PostgreSQL: {type(exc).__name__}",
+                                reason="unencodable") from exc
         except sa_exc.StatementError as exc:
             # Raised by the driver before the server saw the statement: a value it cannot
             # send. Rows are validated when decoded, so this is one row's problem.

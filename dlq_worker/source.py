@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dlq_worker.config import Config, RedisConfig
-from dlq_worker.errors import RedisUnavailable, StartupError
+from dlq_worker.errors import RedisUnavailable, StartupError, StreamGone
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ _DELETE_IDLE_CONSUMER = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #p > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+#: XCLAIM one entry to ourselves only while it is still pending on us.
+_CLAIM_OWN = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return {} end
+return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
 """
 
 
@@ -85,11 +93,20 @@ def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Red
     )
 
 
+#: Replies that mean "this stream or its group does not exist", not "Redis is down".
+_GONE = ("NOGROUP", "no such key")
+
+
 @contextmanager
-def translated(what: str) -> Iterator[None]:
-    """Turn any redis-py error into RedisUnavailable, naming the operation."""
+def translated(what: str, stream: str | None = None) -> Iterator[None]:
+    """Turn any redis-py error into RedisUnavailable, naming the operation; a vanished
+    stream or group (when ``stream`` is given) into StreamGone."""
     try:
         yield
+    except redis.ResponseError as exc:
+        if stream is not None and any(marker in str(exc) for marker in _GONE):
+            raise StreamGone([stream]) from exc
+        raise RedisUnavailable(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
     except redis.RedisError as exc:
         raise RedisUnavailable(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
@@ -109,6 +126,7 @@ class Source:
         )
         self._park = self.client.register_script(_PARK)
         self._delete_consumer = self.client.register_script(_DELETE_IDLE_CONSUMER)
+        self._claim_own = self.client.register_script(_CLAIM_OWN)
 
     def close(self) -> None:
         self.client.close()
@@ -123,7 +141,11 @@ class Source:
         with translated("SCAN"):
             for raw in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000,
                                              _type="stream"):
-                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                try:
+                    name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                except UnicodeDecodeError:
+                    unknown.append(repr(raw))  # not a name any route can hold
+                    continue
                 (routed if self.route(name) else unknown).append(name)
         return sorted(routed), sorted(unknown)
 
@@ -137,6 +159,10 @@ class Source:
     def dead_letter_stream(self, stream: str) -> str:
         """``audit:dlq:events`` parks into ``audit:dead-letter:events``."""
         return self.streams_config.dead_letter_prefix + stream[len(self.streams_config.prefix):]
+
+    def _exists(self, stream: str) -> bool:
+        with translated(f"EXISTS {stream}"):
+            return bool(self.client.exists(stream))
 
     def ensure_group(self, stream: str) -> bool:
         """Create the group at ID 0 (never ``$``: that would skip the backlog). True if created."""
@@ -168,9 +194,11 @@ class Source:
             )
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
-                # A stream was deleted and written again by a producer: recreate the group.
-                for stream in ids:
-                    self.ensure_group(stream)
+                # A stream was deleted (and maybe written again by a producer): recreate
+                # the group where the stream exists, report the ones that are gone.
+                gone = [s for s in ids if not self.ensure_group(s) and not self._exists(s)]
+                if gone:
+                    raise StreamGone(gone) from exc
                 return []
             raise RedisUnavailable(f"XREADGROUP: {_first_line(exc)}") from exc
         except redis.RedisError as exc:
@@ -191,7 +219,7 @@ class Source:
         deleted = 0
         cursor = "0-0"
         idle_ms = int(min_idle_seconds * 1000)
-        with translated(f"XAUTOCLAIM {stream}"):
+        with translated(f"XAUTOCLAIM {stream}", stream):
             while True:
                 reply = self.client.xautoclaim(
                     stream, self.group, self.consumer, idle_ms, start_id=cursor, count=count
@@ -206,25 +234,30 @@ class Source:
                     break
         return claimed, deleted
 
-    def claim(self, stream: str, ids: Sequence[str]) -> list[Entry]:
-        """XCLAIM to ourselves now (bumps the delivery count): how rejected entries retry."""
-        if not ids:
-            return []
-        with translated(f"XCLAIM {stream}"):
-            reply: Any = self.client.xclaim(stream, self.group, self.consumer, 0, list(ids))
-        return [Entry(stream, _text(i), f or {}) for i, f in reply if i is not None]
+    def claim_own(self, stream: str, ids: Sequence[str]) -> list[Entry]:
+        """Re-deliver entries still pending on *us* (bumps their delivery count): how
+        rejected entries retry. One another worker has claimed meanwhile is left to it."""
+        entries: list[Entry] = []
+        with translated(f"XCLAIM {stream}", stream):
+            for entry_id in ids:
+                reply: Any = self._claim_own(keys=[stream],
+                                             args=[self.group, self.consumer, entry_id])
+                for raw_id, flat in reply or []:
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                    entries.append(Entry(stream, _text(raw_id), fields))
+        return entries
 
     def touch(self, stream: str, ids: Sequence[str]) -> None:
         """Reset the idle time of entries we hold (XCLAIM JUSTID: the count is not bumped),
         so that other workers do not claim them while we wait out an outage."""
         if ids:
-            with translated(f"XCLAIM JUSTID {stream}"):
+            with translated(f"XCLAIM JUSTID {stream}", stream):
                 self.client.xclaim(stream, self.group, self.consumer, 0, list(ids), justid=True)
 
     def delivery_counts(self, stream: str, ids: Iterable[str]) -> dict[str, int]:
         """XPENDING's delivery counter for each ID still pending."""
         counts: dict[str, int] = {}
-        with translated(f"XPENDING {stream}"):
+        with translated(f"XPENDING {stream}", stream):
             pipe = self.client.pipeline(transaction=False)
             id_list = list(ids)
             for entry_id in id_list:
@@ -267,7 +300,7 @@ class Source:
             b"error", error[:1000],
             b"consumer", self.consumer,
         ]
-        with translated(f"park {entry.stream} {entry.id}"):
+        with translated(f"park {entry.stream} {entry.id}", entry.stream):
             done = self._park(
                 keys=[entry.stream, self.dead_letter_stream(entry.stream)],
                 args=[self.group, entry.id, self.consumer, *fields],
@@ -277,7 +310,7 @@ class Source:
     # -- housekeeping --
 
     def consumers(self, stream: str) -> list[dict[str, Any]]:
-        with translated(f"XINFO CONSUMERS {stream}"):
+        with translated(f"XINFO CONSUMERS {stream}", stream):
             rows = self.client.xinfo_consumers(stream, self.group)
         return [{_text(k): (_text(v) if isinstance(v, bytes) else v) for k, v in row.items()}
                 for row in rows]
@@ -292,7 +325,7 @@ class Source:
                 continue
             if idle_ms < idle_seconds * 1000:
                 continue
-            with translated(f"XGROUP DELCONSUMER {stream}"):
+            with translated(f"XGROUP DELCONSUMER {stream}", stream):
                 result = self._delete_consumer(keys=[stream], args=[self.group, name])
             if int(result) >= 0:
                 removed.append(name)
@@ -358,6 +391,6 @@ def describe_entry(entry: Entry) -> dict[str, Any]:
                 payload = json.loads(payload)
             if isinstance(payload, dict) and isinstance(payload.get("correlation_id"), str):
                 facts["correlation_id"] = payload["correlation_id"][:255]
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             pass
     return facts

@@ -8,6 +8,7 @@ is counted against an entry because a server was down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from dlq_worker.errors import (
     DecodeError,
     PermanentError,
     RedisUnavailable,
+    StreamGone,
     TransientError,
 )
 from dlq_worker.health import Health
@@ -69,6 +71,8 @@ class Worker:
         self._wake = threading.Event()
         self._deadline: float | None = None
         self._touched_at = 0.0
+        #: Servers whose failure the loop reported and has not yet seen recover.
+        self._failing: set[str] = set()
 
     # -- lifecycle --
 
@@ -103,15 +107,30 @@ class Worker:
         self.health.beat()
         now = self.clock()
         self.metrics.heartbeat.set_to_current_time()
-        self._housekeeping(now)
-        if self.stopping:
-            return
-        block = self.policy.block_for(len(self._in_hand), self._first_at, now,
-                                      float(self.config.worker.block))
-        entries = self._with_retry(lambda: self._read(block))
-        self._take(entries)
-        if self.policy.due(len(self._in_hand), self._first_at, self.clock()):
-            self.flush()
+        try:
+            self._housekeeping(now)
+            if self.stopping:
+                return
+            block = self.policy.block_for(len(self._in_hand), self._first_at, now,
+                                          float(self.config.worker.block))
+            entries = self._with_retry(lambda: self._read(block))
+            self._take(entries)
+            if self.policy.due(len(self._in_hand), self._first_at, self.clock()):
+                self.flush()
+        except StreamGone as exc:
+            self._forget(exc.streams)
+
+    def _forget(self, streams: list[str]) -> None:
+        """A stream or its group vanished: stop reading it until discovery finds it again
+        (which recreates the group at 0). Entries in hand from it are still written."""
+        for stream in streams:
+            self.streams.pop(stream, None)
+            self._replay.pop(stream, None)
+            for key in [k for k in self._retry_due if k[0] == stream]:
+                del self._retry_due[key]
+        self._next_discover = 0.0
+        log.error("DLQ stream or its consumer group vanished",
+                  extra={"event": "stream_gone", "streams": streams})
 
     def _drain_on_stop(self) -> None:
         try:
@@ -128,6 +147,9 @@ class Worker:
 
     def discover(self) -> None:
         routed, unknown = self.source.discover()
+        vanished = [s for s in self.streams if s not in routed]
+        if vanished:
+            self._forget(vanished)
         for stream in routed:
             if stream not in self.streams:
                 table = self.source.route(stream)
@@ -229,9 +251,9 @@ class Worker:
         for stream, entry_id in due:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            self._take(self.source.claim(stream, ids))
             for entry_id in ids:
                 self._retry_due.pop((stream, entry_id), None)
+            self._take(self.source.claim_own(stream, ids))
 
     # -- flushing --
 
@@ -251,10 +273,14 @@ class Worker:
                 ack.append(entry)
                 continue
             try:
-                records.append(decode_entry(self.streams[entry.stream], entry.fields))
+                records.append(decode_entry(self.streams.get(entry.stream, ""), entry.fields))
                 record_entries.append(entry)
             except DecodeError as exc:
                 self._park_now(entry, exc)
+            except Exception as exc:
+                log.exception("decoder failed unexpectedly", extra=describe_entry(entry))
+                self._park_now(entry, DecodeError(f"decoder failed: {type(exc).__name__}",
+                                                  reason="decoder_failure"))
 
         if records:
             result = self._with_retry(lambda: self.sink.write(records))
@@ -295,8 +321,11 @@ class Worker:
             by_stream.setdefault(entry.stream, []).append(entry.id)
         counts: dict[tuple[str, str], int] = {}
         for stream, ids in by_stream.items():
-            for entry_id, n in self.source.delivery_counts(stream, ids).items():
-                counts[(stream, entry_id)] = n
+            try:
+                for entry_id, n in self.source.delivery_counts(stream, ids).items():
+                    counts[(stream, entry_id)] = n
+            except StreamGone:
+                continue  # its group is gone: they will be read again once it is recreated
         for entry, err in rejected:
             key = (entry.stream, entry.id)
             if key not in counts:
@@ -316,11 +345,18 @@ class Worker:
             )
 
     def _park(self, entry: Entry, err: PermanentError, deliveries: int | None = None) -> None:
-        if deliveries is None:
-            deliveries = self.source.delivery_counts(entry.stream, [entry.id]).get(entry.id, 1)
-        done = self.source.park(entry, reason=err.reason, error_class=type(err).__name__,
-                                error=str(err), deliveries=deliveries)
         self._retry_due.pop((entry.stream, entry.id), None)
+        try:
+            if deliveries is None:
+                deliveries = self.source.delivery_counts(entry.stream, [entry.id]).get(
+                    entry.id, 1)
+            done = self.source.park(entry, reason=err.reason, error_class=type(err).__name__,
+                                    error=str(err), deliveries=deliveries)
+        except StreamGone:
+            log.error("cannot park: its stream or group vanished; it is read again when the "
+                      "stream reappears", extra={"event": "park_skipped",
+                                                 **describe_entry(entry)})
+            return
         if done:
             self.metrics.parked.labels(entry.stream, err.reason).inc()
             log.error(
@@ -348,6 +384,9 @@ class Worker:
             reraise=True,
         )
         result = retrying(fn)
+        for server in self._failing:
+            self.health.ok(server, source="loop")
+        self._failing.clear()
         return result
 
     def _keep_in_hand(self) -> None:
@@ -357,13 +396,12 @@ class Worker:
             return
         self._touched_at = now
         ids: dict[str, list[str]] = {}
-        for stream, entry_id in self._in_hand:
+        for stream, entry_id in [*self._in_hand, *self._retry_due]:
             ids.setdefault(stream, []).append(entry_id)
-        try:
-            for stream, stream_ids in ids.items():
+        for stream, stream_ids in ids.items():
+            # Redis down too (then nobody can claim them), or the stream gone: nothing to do.
+            with contextlib.suppress(TransientError, StreamGone):
                 self.source.touch(stream, stream_ids)
-        except TransientError:
-            pass  # Redis is down too: nobody can claim them either
 
     def _past_deadline(self, state: tenacity.RetryCallState) -> bool:
         return self._deadline is not None and self.clock() >= self._deadline
@@ -380,7 +418,8 @@ class Worker:
         exc = state.outcome.exception() if state.outcome else None
         server = "postgres" if isinstance(exc, DatabaseUnavailable) else "redis"
         if isinstance(exc, RedisUnavailable | DatabaseUnavailable):
-            self.health.failed(server, str(exc))
+            self.health.failed(server, str(exc), source="loop")
+            self._failing.add(server)
         self.metrics.transient_errors.labels(server).inc()
         self.metrics.up.labels(server).set(0)
         if server == "postgres":

@@ -349,3 +349,89 @@ def test_entries_held_through_an_outage_are_not_stolen(owned: OwnedBed,
     assert_no_loss(owned, valid)
     for worker in workers:
         assert worker.metric("dlq_worker_entries_claimed_total", stream=EVENTS) == 0
+
+
+def test_deleted_stream_is_forgotten_and_recreated_stream_drained(bed: Bed,
+                                                                 start_worker: Any) -> None:
+    # Given a worker draining events, notifications and the (singular) notification stream
+    bed.produce_notifications(3)
+    bed.client.xadd("audit:dlq:notification",
+                    {"message": producer.build_message("notification_audit",
+                                                       samples.notification(bed.rng))})
+    start_worker()
+    wait_until(lambda: bed.drained(NOTIFICATIONS, "audit:dlq:notification"), 30)
+
+    # When streams vanish (deleted, evicted, a Redis restart without persistence)
+    bed.client.delete("audit:dlq:notification", NOTIFICATIONS)
+    time.sleep(1)
+
+    # Then the others keep draining, and a stream written again is found and drained from 0
+    valid = produce(bed, 50)
+    notes = bed.produce_notifications(4)
+    wait_until(lambda: bed.drained(EVENTS, NOTIFICATIONS), 30, "recreated stream drained")
+    assert set(bed.event_ids()) == valid
+    assert bed.count("notification_audit") == 3 + 1 + len(notes)
+
+
+def test_a_crashing_input_among_valid_ones_does_not_stop_the_loop(bed: Bed,
+                                                                  start_worker: Any) -> None:
+    deep = b'{"payload":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    poison = {bed.xadd_raw(EVENTS, deep)}
+    record = samples.audit_event(random.Random(3))
+    record["actor_id"] = "\ud800"
+    poison.add(bed.xadd_raw(EVENTS, producer.build_message("audit_event", record)))
+    valid = produce(bed, 30)
+    start_worker()
+    wait_until(lambda: bed.drained(EVENTS), 30)
+    assert_no_loss(bed, valid, poison)
+
+
+def test_missing_table_keeps_the_worker_unready_and_parks_nothing(bed: Bed,
+                                                                  start_worker: Any) -> None:
+    # Given the table was dropped (the server still answers every ping)
+    with bed.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE notification_audit RENAME TO notification_audit_old")
+    bed.produce_notifications(5)
+    worker = start_worker()
+
+    # Then the worker is not ready, names the database, and parks nothing
+    def unready_for_postgres() -> bool:
+        try:
+            urllib.request.urlopen(worker.url + "/readyz", timeout=2)
+        except urllib.error.HTTPError as exc:
+            return any(r.startswith("postgres: SQLSTATE 42P01")
+                       for r in json.loads(exc.read())["reasons"])
+        return False
+
+    wait_until(unready_for_postgres, 20, "not ready, naming the missing table")
+    assert bed.pending(NOTIFICATIONS) == 5
+    time.sleep(1)  # several more attempts
+    assert bed.parked("audit:dead-letter:notifications") == []
+
+    # And once the table is back it drains by itself
+    with bed.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE notification_audit_old RENAME TO notification_audit")
+    wait_until(lambda: bed.drained(NOTIFICATIONS), 30)
+    wait_until(lambda: _status(worker.url + "/readyz") == 200, 20, "ready again")
+
+
+def test_concurrent_writes_are_never_mistaken_for_trimming(bed: Bed) -> None:
+    # Given producers writing while the stats are read over and over (no MAXLEN at all)
+    from dlq_worker.monitor import stream_stats
+
+    bed.client.xgroup_create(EVENTS, "dlq-worker", id="0", mkstream=True)
+    cfg = bed.config()
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            bed.produce_events(20)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        seen = [stream_stats(bed.client, cfg, EVENTS).lost_unread for _ in range(300)]
+    finally:
+        stop.set()
+        writer.join()
+    assert set(seen) == {0}

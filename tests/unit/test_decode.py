@@ -204,3 +204,22 @@ def test_arbitrary_notification_payloads(payload: dict[str, Any]) -> None:
     message = json.dumps({"type": "notification_audit", "payload": payload}).encode()
     with contextlib.suppress(PermanentError):
         decode_entry(NOTIFICATION_AUDIT, {b"message": message})
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    (b'{"payload":' + b"[" * 100000 + b"]" * 100000 + b"}", "bad_json"),
+    (_event_with(event_timestamp="2026-08-22T18:08:56+24:00"), "bad_timestamp"),
+    (_event_with(event_timestamp="0001-01-01T00:00:00+01:00"), "bad_timestamp"),
+    (_event_with(actor_id="\ud800"), "bad_value"),
+    (_event_with(event_data=base64.b64encode(b"[" * 100000).decode()), "bad_json"),
+])
+def test_inputs_that_once_escaped_the_decoder(message: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError) as err:
+        decode_entry(AUDIT_EVENTS, entry(message))
+    assert err.value.reason == reason
+
+
+def test_envelope_timestamp_out_of_range_is_ignored_not_fatal() -> None:
+    doc = json.loads(CONTRACT_EXAMPLE)
+    doc["timestamp"] = "2026-08-22T18:08:56+25:00"
+    assert decode_entry(AUDIT_EVENTS, entry(json.dumps(doc).encode())).key

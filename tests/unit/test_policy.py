@@ -57,3 +57,11 @@ def test_database_errors_are_classified(sqlstate: str | None, message: str, kind
     assert type(err) is kind
     if reason:
         assert err.reason == reason  # type: ignore[union-attr]
+
+
+def test_values_from_the_row_are_redacted_from_database_messages() -> None:
+    err = classify_database_error(
+        "22P02", 'invalid input syntax for type inet: "10.0.0.999-secret"')
+    assert "secret" not in str(err) and "type inet" in str(err)
+    kept = classify_database_error("23502", 'null value in column "event_type" of relation')
+    assert '"event_type"' in str(kept)
