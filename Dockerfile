@@ -9,6 +9,8 @@
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS build
+# Build-time only (never in the final image): a CA bundle for machines behind a TLS proxy.
+ARG PIP_CERT
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python3 -m venv /opt/dlq-worker
 WORKDIR /src

@@ -1,0 +1,175 @@
+"""The Helm chart, rendered with the real helm binary and checked against the Kubernetes
+schemas (kubernetes-validate) and against the worker's own strict config loader.
+
+Selected with ``-m chart``; needs helm (``HELM`` or on PATH). CI installs it (.ci/tools.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from dlq_worker import config as config_mod
+
+pytestmark = pytest.mark.chart
+
+CHART = Path(__file__).parents[2] / "charts" / "dlq-worker"
+VALUE_SETS = [None, *sorted(str(p) for p in (CHART / "ci").glob("*-values.yaml"))]
+CRDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
+
+
+def helm() -> str:
+    found = os.environ.get("HELM") or shutil.which("helm")
+    if not found:
+        raise RuntimeError("helm not found: set HELM or run .ci/tools.sh")
+    return found
+
+
+def render(*args: str, values: str | None = None) -> list[dict[str, Any]]:
+    cmd = [helm(), "template", "rel", str(CHART), *args]
+    if values:
+        cmd += ["-f", values]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def render_error(*args: str) -> str:
+    result = subprocess.run([helm(), "template", "rel", str(CHART), *args],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode != 0, "rendering should have failed"
+    return result.stderr
+
+
+def kind(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == name]
+    assert len(matches) == 1, f"{len(matches)} {name}"
+    return matches[0]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=lambda v: Path(v).name if v else "default")
+def test_lint_and_validate_against_kubernetes_schemas(values: str | None) -> None:
+    cmd = [helm(), "lint", "--strict", str(CHART)] + (["-f", values] if values else [])
+    lint = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    for doc in render(values=values):
+        if doc["kind"] in CRDS:
+            assert doc["apiVersion"] in ("monitoring.coreos.com/v1", "keda.sh/v1alpha1")
+            continue
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=lambda v: Path(v).name if v else "default")
+def test_rendered_config_is_accepted_by_the_worker(values: str | None, tmp_path: Path) -> None:
+    docs = render(values=values)
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap" and "worker.yaml" in d["data"])
+    path = tmp_path / "worker.yaml"
+    path.write_text(configmap["data"]["worker.yaml"])
+    cfg = config_mod.load(path, env={})
+    deployment = kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > cfg.worker.shutdown_timeout
+    rendered = yaml.safe_load(configmap["data"]["worker.yaml"])
+    assert not [k for section in rendered.values() for k in section if "password" in k]
+
+
+def test_deployment_defaults_are_secure_and_probed() -> None:
+    docs = render()
+    pod = kind(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {e["name"] for e in container["env"]} == {"POD_NAME"}  # no secret configured
+    labels = kind(docs, "Deployment")["metadata"]["labels"]
+    for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                "app.kubernetes.io/managed-by", "helm.sh/chart"):
+        assert key in labels
+    cm = yaml.safe_load(kind(docs, "ConfigMap")["data"]["worker.yaml"])
+    assert cm["redis"] == {"addr": "redis.kubernaut-system.svc.cluster.local:6379", "db": 1,
+                           "username": "", "tls": False}
+    assert cm["database"]["name"] == "action_history" and cm["database"]["user"] == "slm_user"
+
+
+def _checksum(*args: str) -> str:
+    pod = kind(render(*args), "Deployment")["spec"]["template"]
+    return str(pod["metadata"]["annotations"]["checksum/config"])
+
+
+def test_a_config_change_changes_the_checksum() -> None:
+    base = _checksum()
+    assert _checksum("--set", "config.worker.batch_size=1000") != base
+    assert _checksum("--set", "database.host=elsewhere") != base
+    assert _checksum("--set", "replicaCount=3") == base
+
+
+def test_passwords_go_to_a_secret_never_to_the_configmap() -> None:
+    docs = render("--set", "auth.databasePassword=s3cret-db",
+                  "--set", "auth.redisPassword=s3cret-r")
+    secret = kind(docs, "Secret")
+    assert set(secret["data"]) == {"db-password", "redis-password"}
+    configmap = kind(docs, "ConfigMap")
+    assert "s3cret" not in yaml.safe_dump(configmap)
+    env = {e["name"]: e.get("value") for e in
+           kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DB_PASSWORD_FILE"] == "/etc/dlq-worker/secrets/db-password"
+
+    existing = render("--set", "auth.existingSecret=mine")
+    assert not [d for d in existing if d["kind"] == "Secret"]
+    volumes = kind(existing, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "secrets", "secret": {"secretName": "mine", "defaultMode": 0o400}} in volumes
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--set", "replicaCnt=2"), "Additional property replicaCnt is not allowed"),
+    (("--set", "config.worker.batch_sise=3"), "Additional property batch_sise is not allowed"),
+    (("--set", "config.database.password=x"), "Additional property password is not allowed"),
+    (("--set-string", "redis.db=one"), "redis.db"),
+    (("--set", "redis.addr=nohostport"), "redis.addr"),
+    (("--set", "shutdownTimeoutSeconds=40"), "must be greater than shutdownTimeoutSeconds"),
+])
+def test_bad_values_are_refused(args: tuple[str, ...], fragment: str) -> None:
+    assert fragment in render_error(*args)
+
+
+def test_keda_scales_on_group_lag_with_authentication() -> None:
+    docs = render("-f", str(CHART / "ci" / "keda-existing-secret-values.yaml"))
+    scaled = kind(docs, "ScaledObject")
+    assert "replicas" not in kind(docs, "Deployment")["spec"]
+    triggers = scaled["spec"]["triggers"]
+    assert [t["metadata"]["stream"] for t in triggers] == ["audit:dlq:events",
+                                                           "audit:dlq:notifications"]
+    meta = triggers[0]["metadata"]
+    assert meta["consumerGroup"] == "dlq-worker" and meta["lagCount"] == "500"
+    assert meta["databaseIndex"] == "1" and meta["enableTLS"] == "true"
+    assert meta["address"] == "redis.kubernaut-system.svc.cluster.local:6380"
+    auth = kind(docs, "TriggerAuthentication")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "dlq-credentials", "key": "redis-password"}]
+    assert triggers[0]["authenticationRef"]["name"] == auth["metadata"]["name"]
+
+
+def test_prometheus_rule_is_the_tested_rule_file() -> None:
+    docs = render("-f", str(CHART / "ci" / "all-values.yaml"))
+    rule = kind(docs, "PrometheusRule")
+    source = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    rendered = rule["spec"]["groups"][0]["rules"]
+    assert [r["alert"] for r in rendered] == [r["alert"] for r in source["groups"][0]["rules"]]
+    for r in rendered:
+        assert r["annotations"]["runbook_url"].startswith("https://")
+        assert "DLQ_JOB" not in r["expr"]
+    monitor = kind(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert kind(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    dashboard = next(d for d in docs if d["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -1,0 +1,69 @@
+"""Alerts, dashboard, chart schema and runbook stay true to what the worker really exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from dlq_worker import config as config_mod
+from dlq_worker.metrics import Metrics
+
+ROOT = Path(__file__).parents[2]
+CHART = ROOT / "charts" / "dlq-worker"
+NAME = re.compile(r"\b(dlq_worker_[a-z_]+)")
+EXTERNAL = {"redis_memory_used_bytes", "up"}  # redis_exporter's, and Prometheus's own
+
+
+def exported_names() -> set[str]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.init_stream("audit:dlq:events", "audit_events")
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def alert_rules() -> list[dict[str, object]]:
+    doc = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_every_metric_in_alerts_and_dashboard_is_exported() -> None:
+    exported = exported_names()
+    exprs = [str(rule["expr"]) for rule in alert_rules()]
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for expr in exprs for name in NAME.findall(expr)}
+    assert used, "no metric found in the expressions"
+    assert used - exported == set(), f"not exported: {sorted(used - exported)}"
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9]", "", h.lower())
+               for h in re.findall(r"^## (.+)$", runbook, re.M)}
+    for rule in alert_rules():
+        annotations = rule["annotations"]
+        assert isinstance(annotations, dict)
+        anchor = str(annotations["runbook_url"]).split("#", 1)[1]
+        assert anchor == str(rule["alert"]).lower()
+        assert anchor in anchors, f"docs/runbook.md has no section for {rule['alert']}"
+        assert annotations["summary"] and annotations["description"]
+
+
+def test_chart_schema_knows_every_worker_setting() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    sections = schema["properties"]["config"]["properties"]
+    owned = {("redis", "password"), ("database", "password"), ("worker", "shutdown_timeout"),
+             ("http", "port"), ("http", "host"), ("redis", "password_file"),
+             ("database", "password_file")}
+    for name, cls in config_mod._SECTIONS.items():
+        keys = {f.name for f in dataclasses.fields(cls)} - {k for s, k in owned if s == name}
+        assert set(sections[name]["properties"]) == keys, name
