@@ -100,7 +100,8 @@ class StreamsConfig:
     group: str = "dlq-worker"
     #: Unique per process; empty means ``<POD_NAME or hostname>-<pid>``.
     consumer: str = ""
-    discover_interval: Duration = Duration(30.0)
+    #: SCAN for new streams this often (every 200ms while none is known yet).
+    discover_interval: Duration = Duration(5.0)
     #: The producers' ``MAXLEN ~`` cap, to report depth as a fraction of it.
     max_length: int = 10000
     #: The design's DLQ retention (``ttl``); entries older than this are reported, never deleted.
@@ -111,7 +112,9 @@ class StreamsConfig:
 class WorkerConfig:
     batch_size: int = 500
     #: How long a partial batch waits for more entries before it is flushed.
-    linger: Duration = Duration(0.05)
+    linger: Duration = Duration(0.0)
+    #: Write a batch in the background while the next one is read and decoded.
+    overlap: bool = True
     #: XREADGROUP BLOCK when nothing is in hand.
     block: Duration = Duration(1.0)
     #: Deliveries (XPENDING's counter) after which a row PostgreSQL rejects is parked.

@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from dlq_worker.errors import DecodeError
 
@@ -82,7 +83,7 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
             reason="too_large",
         )
     try:
-        doc = json.loads(raw)
+        doc = orjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"message is not JSON: {_short(exc)}", reason="bad_json") from None
     except RecursionError:
@@ -93,7 +94,7 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     payload = doc.get("payload")
     if isinstance(payload, str):
         try:
-            payload = json.loads(payload)
+            payload = orjson.loads(payload)
         except ValueError as exc:
             raise DecodeError(
                 f"payload string is not JSON: {_short(exc)}", reason="bad_payload"
@@ -312,7 +313,7 @@ def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> 
     except (binascii.Error, ValueError):
         raise DecodeError(f"{name}: not valid base64", reason="bad_base64") from None
     try:
-        doc = json.loads(raw)
+        doc = orjson.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DecodeError(f"{name}: base64 does not hold JSON", reason="bad_json") from None
     if not isinstance(doc, dict):

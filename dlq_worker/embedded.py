@@ -182,11 +182,13 @@ class PostgresProcess:
     ``postgres`` system user (created if missing).
     """
 
-    def __init__(self, workdir: Path, port: int | None = None, *, fsync: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, fsync: bool = False,
+                 extra_args: list[str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.datadir = self.workdir / "data"
         self.port = port or free_port()
         self.fsync = fsync
+        self.extra_args = extra_args or []
         self.bindir = find_postgres_bindir()
         self.proc: subprocess.Popen[bytes] | None = None
         self.user: str | None = None
@@ -228,7 +230,7 @@ class PostgresProcess:
                 [str(self.bindir / "postgres"), "-D", str(self.datadir), "-p", str(self.port),
                  "-k", str(self.workdir), "-c", "listen_addresses=127.0.0.1",
                  "-c", f"fsync={'on' if self.fsync else 'off'}",
-                 "-c", "max_connections=200", "-c", "shared_buffers=64MB"],
+                 "-c", "max_connections=200", "-c", "shared_buffers=64MB", *self.extra_args],
                 user=self.user, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 cwd=self.workdir, start_new_session=True,
             )

@@ -18,11 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg2
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL
 
+from dlq_worker import pgcopy
 from dlq_worker.classify import classify_database_error
 from dlq_worker.config import DatabaseConfig
 from dlq_worker.decode import AUDIT_EVENTS, Record
@@ -95,9 +97,12 @@ def make_engine(config: DatabaseConfig) -> Engine:
 class Sink:
     """Writes decoded records into their tables."""
 
-    def __init__(self, config: DatabaseConfig, engine: Engine | None = None) -> None:
+    def __init__(self, config: DatabaseConfig, engine: Engine | None = None, *,
+                 copy: bool = True) -> None:
         self.config = config
         self.engine = engine if engine is not None else make_engine(config)
+        #: COPY-based fast path for whole batches (the bisecting path always uses INSERT).
+        self.copy = copy
 
     def close(self) -> None:
         self.engine.dispose()
@@ -150,16 +155,65 @@ class Sink:
     def _write_table(
         self, table: str, records: Sequence[Record], indexes: list[int], result: WriteResult
     ) -> None:
-        # Optimistic pass: the whole group in one statement, no savepoint.
+        # Optimistic pass: the whole group through COPY into a staging table, then one
+        # INSERT ... SELECT ... ON CONFLICT DO NOTHING; no savepoint.
         try:
             with self._translated(), self.engine.begin() as conn:
-                self._insert(conn, table, records, indexes, result)
+                if self.copy:
+                    self._copy_insert(conn, table, records, indexes, result)
+                else:
+                    self._insert(conn, table, records, indexes, result)
             return
         except RejectedError:
             pass
         # Some row is bad: redo under savepoints, bisecting down to the culprits.
         with self._translated(), self.engine.begin() as conn:
             self._insert_isolating(conn, table, records, indexes, result)
+
+    def _copy_insert(
+        self,
+        conn: Connection,
+        table: str,
+        records: Sequence[Record],
+        indexes: Sequence[int],
+        result: WriteResult,
+    ) -> None:
+        """COPY the rows into a per-connection staging table, then move them with one
+        INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING <key> (same outcome as
+        _insert, a fraction of the client-side cost)."""
+        columns = list(records[indexes[0]].values)
+        stage = f"dlq_stage_{table}"
+        names = ", ".join(columns)
+        keys = ", ".join(CONFLICT_KEYS[table])
+        pooled = conn.connection
+        cursor = pooled.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if not pooled.info.get(stage):
+                # Temporary and emptied at every commit; NOT NULL is copied, CHECKs are not
+                # (the real INSERT enforces every constraint).
+                cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} "
+                               f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                pooled.info[stage] = True
+            cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN",
+                               pgcopy.encode((records[i].values for i in indexes), columns))
+            cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
+                           f"ON CONFLICT DO NOTHING RETURNING {keys}")
+            returned = cursor.fetchall()
+        except BaseException as exc:
+            # The transaction rolls back, and a staging table made in it goes with it.
+            pooled.info.pop(stage, None)
+            if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+                conn.invalidate()
+                raise DatabaseUnavailable(f"connection lost: {_message(exc)}") from exc
+            if isinstance(exc, psycopg2.Error):
+                raise classify_database_error(exc.pgcode, _message(exc)) from exc
+            if isinstance(exc, UnicodeError | ValueError | TypeError | OverflowError):
+                raise RejectedError(f"value cannot be sent to PostgreSQL: {type(exc).__name__}",
+                                    reason="unencodable") from exc
+            raise
+        finally:
+            cursor.close()
+        _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
 
     def _insert(
         self,
@@ -188,14 +242,7 @@ class Sink:
                 f"value cannot be sent to PostgreSQL: {type(exc.orig).__name__}",
                 reason="unencodable",
             ) from exc
-        new_keys = {tuple(row) for row in returned}
-        for i in indexes:
-            key = records[i].key
-            if key in new_keys:
-                new_keys.discard(key)
-                result.outcomes[i] = Outcome.WRITTEN
-            else:
-                result.outcomes[i] = Outcome.DUPLICATE
+        _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
 
     def _insert_isolating(
         self,
@@ -279,6 +326,19 @@ class Sink:
             raise _translate(exc) from exc
         except sa_exc.SQLAlchemyError as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {_message(exc)}") from exc
+
+
+def _mark(records: Sequence[Record], indexes: Sequence[int], returned: list[tuple[str, ...]],
+          result: WriteResult) -> None:
+    """New rows (their keys came back from RETURNING) are written; the others existed."""
+    new_keys = set(returned)
+    for i in indexes:
+        key = tuple(str(v) for v in records[i].key)
+        if key in new_keys:
+            new_keys.discard(key)
+            result.outcomes[i] = Outcome.WRITTEN
+        else:
+            result.outcomes[i] = Outcome.DUPLICATE
 
 
 def check_connection(config: DatabaseConfig) -> None:

@@ -12,26 +12,24 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import tenacity
 
 from dlq_worker.config import Config
-from dlq_worker.decode import Record, decode_entry
 from dlq_worker.errors import (
     DatabaseUnavailable,
-    DecodeError,
-    PermanentError,
     RedisUnavailable,
     StreamGone,
     TransientError,
 )
+from dlq_worker.flush import Flusher
 from dlq_worker.health import Health
 from dlq_worker.metrics import Metrics
-from dlq_worker.policy import BatchPolicy, reject_delay, transient_wait
-from dlq_worker.sink import Outcome, Sink
-from dlq_worker.source import Entry, Source, describe_entry
+from dlq_worker.policy import BatchPolicy, transient_wait
+from dlq_worker.sink import Sink
+from dlq_worker.source import Entry, Source
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +65,8 @@ class Worker:
         self._next_discover = 0.0
         self._next_claim = 0.0
         self._next_cleanup = 0.0
+        self.flusher = Flusher(config, source, sink, metrics, self._with_retry,
+                               self._retry_due, lambda s: self.streams.get(s, ""), clock)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._deadline: float | None = None
@@ -113,10 +113,14 @@ class Worker:
                 return
             block = self.policy.block_for(len(self._in_hand), self._first_at, now,
                                           float(self.config.worker.block))
+            if self.flusher.inflight is not None:
+                block = 0.001  # a batch is being written: read the next one, do not wait
             entries = self._with_retry(lambda: self._read(block))
             self._take(entries)
             if self.policy.due(len(self._in_hand), self._first_at, self.clock()):
-                self.flush()
+                self.flush(overlap=bool(self.config.worker.overlap))
+            elif not entries and self.flusher.inflight is not None:
+                self.flusher.finish()  # nothing new to overlap with: acknowledge it now
         except StreamGone as exc:
             self._forget(exc.streams)
 
@@ -132,8 +136,24 @@ class Worker:
         log.error("DLQ stream or its consumer group vanished",
                   extra={"event": "stream_gone", "streams": streams})
 
+    def flush(self, *, overlap: bool = False) -> None:
+        """Write what is in hand and acknowledge it (see flush.py)."""
+        entries = list(self._in_hand.values())
+        if entries:
+            self._in_hand.clear()
+            self._first_at = None
+            self.metrics.in_hand.set(0)
+            self.flusher.flush(entries, overlap=overlap)
+        elif not overlap:
+            self.flusher.finish()
+
+    def _holding(self) -> set[tuple[str, str]]:
+        """Entries read and not yet acknowledged: in hand, or being written."""
+        return set(self._in_hand) | self.flusher.holding
+
     def _drain_on_stop(self) -> None:
         try:
+            self.flusher.finish()
             self.flush()
         except TransientError as exc:
             log.warning(
@@ -141,6 +161,7 @@ class Worker:
                 extra={"event": "shutdown_incomplete", "entries": len(self._in_hand),
                        "error": str(exc)},
             )
+        self.flusher.close()
         log.info("worker stopped", extra={"event": "stopped"})
 
     # -- discovering and reading --
@@ -164,13 +185,16 @@ class Worker:
         for stream in unknown:
             log.warning("stream under the prefix has no route: not touched",
                         extra={"event": "stream_unknown", "stream": stream})
-        self._next_discover = self.clock() + float(self.config.streams.discover_interval)
+        interval = float(self.config.streams.discover_interval)
+        if not self.streams:  # nothing to drain yet: notice the first DLQ write quickly
+            interval = min(interval, 0.2)
+        self._next_discover = self.clock() + interval
 
     def _read(self, block: float) -> list[Entry]:
         room = self.policy.room(len(self._in_hand))
         if room == 0 or not self.streams:
             if not self.streams:
-                self._wake.wait(min(block, 1.0))
+                self._wake.wait(min(block, 0.2))
             return []
         if self._replay:
             # Our own pending entries first (a restart): cursor past what we already took.
@@ -190,7 +214,7 @@ class Worker:
     def _take(self, entries: list[Entry]) -> None:
         for entry in entries:
             key = (entry.stream, entry.id)
-            if key in self._in_hand:
+            if key in self._in_hand or key in self.flusher.holding:
                 continue
             if not self._in_hand:
                 self._first_at = self.clock()
@@ -223,7 +247,8 @@ class Worker:
             entries, deleted = self.source.autoclaim(
                 stream, float(self.config.worker.claim_idle), room
             )
-            fresh = [e for e in entries if (e.stream, e.id) not in self._in_hand
+            held = self._holding()
+            fresh = [e for e in entries if (e.stream, e.id) not in held
                      and (e.stream, e.id) not in self._retry_due]
             if deleted:
                 self.metrics.pending_deleted.labels(stream).inc(deleted)
@@ -255,118 +280,6 @@ class Worker:
                 self._retry_due.pop((stream, entry_id), None)
             self._take(self.source.claim_own(stream, ids))
 
-    # -- flushing --
-
-    def flush(self) -> None:
-        """Write what is in hand, then ack it; park what can never be written."""
-        if not self._in_hand:
-            return
-        started = self.clock()
-        entries = list(self._in_hand.values())
-        records: list[Record] = []
-        record_entries: list[Entry] = []
-        ack: list[Entry] = []
-        for entry in entries:
-            if entry.deleted:
-                # Pending, but its entry is gone from the stream: nothing left to write.
-                self.metrics.pending_deleted.labels(entry.stream).inc()
-                ack.append(entry)
-                continue
-            try:
-                records.append(decode_entry(self.streams.get(entry.stream, ""), entry.fields))
-                record_entries.append(entry)
-            except DecodeError as exc:
-                self._park_now(entry, exc)
-            except Exception as exc:
-                log.exception("decoder failed unexpectedly", extra=describe_entry(entry))
-                self._park_now(entry, DecodeError(f"decoder failed: {type(exc).__name__}",
-                                                  reason="decoder_failure"))
-
-        if records:
-            result = self._with_retry(lambda: self.sink.write(records))
-            for index, (entry, outcome) in enumerate(
-                zip(record_entries, result.outcomes, strict=True)
-            ):
-                if outcome is Outcome.WRITTEN:
-                    self.metrics.written.labels(entry.stream, records[index].table).inc()
-                    ack.append(entry)
-                elif outcome is Outcome.DUPLICATE:
-                    self.metrics.duplicates.labels(entry.stream).inc()
-                    ack.append(entry)
-            if result.partitions_created:
-                self.metrics.partitions_created.inc(len(result.partitions_created))
-            if result.errors:
-                rejected = [(record_entries[i], err) for i, err in result.errors.items()]
-                self._with_retry(lambda: self._handle_rejected(rejected))
-
-        ids: dict[str, list[str]] = {}
-        for entry in ack:
-            ids.setdefault(entry.stream, []).append(entry.id)
-        self._with_retry(lambda: self.source.ack_and_delete(ids))
-
-        self._in_hand.clear()
-        self._first_at = None
-        self.metrics.in_hand.set(0)
-        self.metrics.batch_size.observe(len(entries))
-        self.metrics.flush_seconds.observe(self.clock() - started)
-        self.metrics.last_flush.set_to_current_time()
-
-    def _park_now(self, entry: Entry, err: PermanentError) -> None:
-        self._with_retry(lambda: self._park(entry, err))
-
-    def _handle_rejected(self, rejected: Sequence[tuple[Entry, PermanentError]]) -> None:
-        w = self.config.worker
-        by_stream: dict[str, list[str]] = {}
-        for entry, _ in rejected:
-            by_stream.setdefault(entry.stream, []).append(entry.id)
-        counts: dict[tuple[str, str], int] = {}
-        for stream, ids in by_stream.items():
-            try:
-                for entry_id, n in self.source.delivery_counts(stream, ids).items():
-                    counts[(stream, entry_id)] = n
-            except StreamGone:
-                continue  # its group is gone: they will be read again once it is recreated
-        for entry, err in rejected:
-            key = (entry.stream, entry.id)
-            if key not in counts:
-                continue  # no longer pending on the group: another worker has it
-            deliveries = counts[key]
-            self.metrics.rejected.labels(entry.stream, err.reason).inc()
-            if deliveries >= w.max_deliveries:
-                self._park(entry, err, deliveries)
-                continue
-            delay = reject_delay(deliveries, float(w.reject_retry_initial),
-                                 float(w.reject_retry_max))
-            self._retry_due[key] = self.clock() + delay
-            log.warning(
-                "row rejected by PostgreSQL; will retry",
-                extra={"event": "rejected", **describe_entry(entry), "reason": err.reason,
-                       "error": str(err), "deliveries": deliveries, "retry_in_seconds": delay},
-            )
-
-    def _park(self, entry: Entry, err: PermanentError, deliveries: int | None = None) -> None:
-        self._retry_due.pop((entry.stream, entry.id), None)
-        try:
-            if deliveries is None:
-                deliveries = self.source.delivery_counts(entry.stream, [entry.id]).get(
-                    entry.id, 1)
-            done = self.source.park(entry, reason=err.reason, error_class=type(err).__name__,
-                                    error=str(err), deliveries=deliveries)
-        except StreamGone:
-            log.error("cannot park: its stream or group vanished; it is read again when the "
-                      "stream reappears", extra={"event": "park_skipped",
-                                                 **describe_entry(entry)})
-            return
-        if done:
-            self.metrics.parked.labels(entry.stream, err.reason).inc()
-            log.error(
-                "entry parked in dead-letter stream",
-                extra={"event": "parked", **describe_entry(entry),
-                       "dead_letter": self.source.dead_letter_stream(entry.stream),
-                       "reason": err.reason, "error_class": type(err).__name__,
-                       "error": str(err), "deliveries": deliveries},
-            )
-
     # -- transient failures --
 
     def _with_retry(self, fn: Callable[[], T]) -> T:
@@ -392,11 +305,12 @@ class Worker:
     def _keep_in_hand(self) -> None:
         """During a database outage, keep other workers from claiming what we hold."""
         now = self.clock()
-        if not self._in_hand or now - self._touched_at < float(self.config.worker.claim_idle) / 3:
+        held = self._holding()
+        if not held or now - self._touched_at < float(self.config.worker.claim_idle) / 3:
             return
         self._touched_at = now
         ids: dict[str, list[str]] = {}
-        for stream, entry_id in [*self._in_hand, *self._retry_due]:
+        for stream, entry_id in [*held, *self._retry_due]:
             ids.setdefault(stream, []).append(entry_id)
         for stream, stream_ids in ids.items():
             # Redis down too (then nobody can claim them), or the stream gone: nothing to do.

@@ -258,3 +258,21 @@ def test_unique_ids_are_uuid_objects_in_table(bed: Bed, start_worker: Any) -> No
     start_worker()
     wait_until(lambda: bed.drained(EVENTS), 30)
     assert sorted(bed.event_ids()) == sorted(str(uuid.UUID(r["event_id"])) for r in records)
+
+
+def test_awkward_text_survives_the_copy_path_exactly(bed: Bed, start_worker: Any) -> None:
+    # Tabs, newlines, backslashes, COPY's own \N, quotes and non-ASCII, in columns and JSON
+    record = samples.audit_event(bed.rng, full=True)
+    awkward = 'tab\there\nnew line\\back\\slash \\N "quoted" é✓ 🚀\r'
+    record["error_message"] = awkward
+    record["resource_name"] = "\\N"
+    record["event_data"] = {"text": awkward, "nested": {"k\tey": ["\\", "\n", None, 1.5]}}
+    bed.xadd_raw(EVENTS, producer.build_message(producer.AUDIT_EVENT, record))
+    start_worker()
+    wait_until(lambda: bed.drained(EVENTS), 30)
+    with bed.engine.connect() as conn:
+        row = conn.execute(text("SELECT error_message, resource_name, event_data "
+                                "FROM audit_events")).one()
+    assert row.error_message == awkward
+    assert row.resource_name == "\\N"
+    assert row.event_data == record["event_data"]

@@ -1,0 +1,299 @@
+"""The benchmark suite: one command, baselines measured in the same run on the same rows.
+
+    python -m bench.run            # full suite (about 15 minutes: includes a 10-minute soak)
+    python -m bench.run --quick    # smoke version (CI): small sizes, no soak
+
+Servers are this run's own: Redis (AOF, appendfsync everysec) and PostgreSQL (fsync on,
+track_commit_timestamp on, so a row's commit time is known exactly). The worker runs as a
+real `dlq-worker run` process. Prints a table, then one JSON document on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, create_engine, text
+
+from bench import workloads
+from dlq_worker import config as config_mod
+from dlq_worker.sink import Sink
+from dlq_worker.embedded import PostgresProcess, RedisProcess, free_port
+
+EVENTS = "audit:dlq:events"
+
+
+@dataclass
+class Servers:
+    redis: RedisProcess
+    postgres: PostgresProcess
+    root: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"REDIS_ADDR": f"127.0.0.1:{self.redis.port}", "REDIS_DB": "1",
+                "DB_HOST": "127.0.0.1", "DB_PORT": str(self.postgres.port),
+                "DB_USER": "postgres", "DB_NAME": "action_history"}
+
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis(port=self.redis.port, db=1)
+
+    def engine(self) -> Engine:
+        return create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{self.postgres.port}"
+                             "/action_history", pool_pre_ping=True)
+
+
+@contextmanager
+def servers() -> Iterator[Servers]:
+    root = Path(tempfile.mkdtemp(prefix="dlq-bench-"))
+    root.chmod(0o755)
+    r = RedisProcess(root / "redis", appendonly=True, extra_args=["--appendfsync", "everysec"])
+    pg = PostgresProcess(root / "pg", fsync=True, extra_args=["-c", "track_commit_timestamp=on"])
+    try:
+        r.start()
+        pg.start()
+        pg.create_database("action_history")
+        result = Servers(r, pg, root)
+        sink = Sink(config_mod.load(env=result.env).database)
+        sink.init_schema()
+        sink.close()
+        yield result
+    finally:
+        pg.stop()
+        r.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class WorkerProcess:
+    """`dlq-worker run` as a separate process, with its peak RSS read from /proc."""
+
+    def __init__(self, env: dict[str, str], **settings: str) -> None:
+        self.port = free_port()
+        full = {k: v for k, v in os.environ.items() if not k.startswith("DLQ_WORKER_")}
+        full.update(env)
+        full.update({"DLQ_WORKER_HTTP_PORT": str(self.port), "DLQ_WORKER_HTTP_HOST": "127.0.0.1",
+                     "DLQ_WORKER_LOG_LEVEL": "warning", "DLQ_WORKER_LOG_FORMAT": "json",
+                     "DLQ_WORKER_WORKER_BACKOFF_MAX": "200ms"})
+        full.update({f"DLQ_WORKER_{k.upper()}": v for k, v in settings.items()})
+        self.log = tempfile.NamedTemporaryFile(prefix="dlq-bench-worker-", suffix=".log",  # noqa: SIM115
+                                               delete=False)
+        self.proc = subprocess.Popen([sys.executable, "-m", "dlq_worker", "run"], env=full,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                url = f"http://127.0.0.1:{self.port}/readyz"
+                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {Path(self.log.name).read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("worker not ready in time")
+
+    def rss(self) -> tuple[int, int]:
+        """(current, peak) resident set size in bytes."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def reset(s: Servers) -> None:
+    client = s.redis_client()
+    client.flushdb()
+    client.close()
+    engine = s.engine()
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE audit_events, notification_audit"))
+    engine.dispose()
+
+
+def wait_drained(s: Servers, expected_rows: int, timeout: float = 600) -> float:
+    """Until XLEN is 0 and every row is committed; returns the moment (perf_counter)."""
+    client, engine = s.redis_client(), s.engine()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if client.xlen(EVENTS) == 0:
+                with engine.connect() as conn:
+                    rows = conn.execute(text("SELECT count(*) FROM audit_events")).scalar_one()
+                if rows >= expected_rows:
+                    return time.perf_counter()
+            time.sleep(0.002)
+        raise RuntimeError("not drained in time")
+    finally:
+        client.close()
+        engine.dispose()
+
+
+# -- the measurements --
+
+def bench_ceiling(s: Servers, messages: list[bytes]) -> dict[str, Any]:
+    reset(s)
+    return workloads.ceiling(s.engine(), messages)
+
+
+def bench_naive(s: Servers, messages: list[bytes]) -> dict[str, Any]:
+    reset(s)
+    return workloads.naive(s.redis_client(), s.engine(), messages)
+
+
+def bench_drain(s: Servers, messages: list[bytes], profile: bool = False,
+                **settings: str) -> dict[str, Any]:
+    reset(s)
+    worker = WorkerProcess(s.env, **settings)
+    spy = None
+    try:
+        worker.wait_ready()
+        if profile and shutil.which("py-spy"):
+            spy = workloads.start_profile(worker.proc.pid)
+        started = time.perf_counter()
+        workloads.write_backlog(s.redis_client(), messages)
+        done = wait_drained(s, len(messages))
+        _, peak = worker.rss()
+    finally:
+        hotspots = workloads.stop_profile(spy) if spy else []
+        worker.stop()
+    seconds = done - started
+    result: dict[str, Any] = {"entries": len(messages), "seconds": round(seconds, 3),
+                              "entries_per_second": round(len(messages) / seconds),
+                              "peak_rss_mib": round(peak / 2**20, 1)}
+    if hotspots:
+        result["hotspots"] = hotspots
+    return result
+
+
+def bench_latency(s: Servers, rate: int, seconds: float, **settings: str) -> dict[str, Any]:
+    reset(s)
+    worker = WorkerProcess(s.env, **settings)
+    try:
+        worker.wait_ready()
+        sent = workloads.produce_at_rate(s.redis_client(), rate, seconds)
+        wait_drained(s, len(sent), timeout=60)
+    finally:
+        worker.stop()
+    latencies = workloads.commit_latencies(s.engine(), sent)
+    return {"rate": rate, "seconds": seconds, "entries": len(latencies),
+            "p50_ms": round(_pct(latencies, 50) * 1000, 2),
+            "p99_ms": round(_pct(latencies, 99) * 1000, 2),
+            "max_ms": round(max(latencies) * 1000, 2)}
+
+
+def bench_soak(s: Servers, rate: int, seconds: float) -> dict[str, Any]:
+    reset(s)
+    worker = WorkerProcess(s.env)
+    samples: list[tuple[float, int]] = []
+    try:
+        worker.wait_ready()
+        stop = threading.Event()
+
+        def sample() -> None:
+            t0 = time.monotonic()
+            while not stop.wait(5):
+                samples.append((time.monotonic() - t0, worker.rss()[0]))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        sent = workloads.produce_at_rate(s.redis_client(), rate, seconds)
+        stop.set()
+        sampler.join()
+        wait_drained(s, len(sent), timeout=120)
+    finally:
+        worker.stop()
+    warm = [rss for t, rss in samples if t >= 60] or [rss for _, rss in samples]
+    start, end = warm[0], warm[-1]
+    return {"rate": rate, "seconds": seconds, "rss_start_mib": round(start / 2**20, 1),
+            "rss_end_mib": round(end / 2**20, 1),
+            "growth_percent": round((end - start) / start * 100, 1)}
+
+
+def bench_recovery(s: Servers, messages: list[bytes]) -> dict[str, Any]:
+    reset(s)
+    worker = WorkerProcess(s.env)
+    try:
+        worker.wait_ready()
+        s.postgres.stop()
+        workloads.write_backlog(s.redis_client(), messages)
+        time.sleep(2)
+        s.postgres.start()
+        answered = time.perf_counter()
+        done = wait_drained(s, len(messages))
+    finally:
+        worker.stop()
+    return {"entries": len(messages), "seconds_after_postgres_answers": round(done - answered, 3)}
+
+
+def bench_enqueue(s: Servers, n: int) -> dict[str, Any]:
+    reset(s)
+    latencies = workloads.enqueue_latencies(s.redis_client(), n)
+    return {"calls": n, "p50_ms": round(_pct(latencies, 50) * 1000, 3),
+            "p99_ms": round(_pct(latencies, 99) * 1000, 3)}
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="dlq-worker benchmark suite")
+    parser.add_argument("--quick", action="store_true", help="smoke sizes, no soak (CI)")
+    parser.add_argument("--no-soak", action="store_true", help="skip the 10-minute soak")
+    parser.add_argument("--profile", action="store_true", help="py-spy the 50k drain")
+    args = parser.parse_args()
+    quick = args.quick
+    n_drain = 5000 if quick else 50000
+    n_rss = 10000 if quick else 100000
+    results: dict[str, Any] = {"machine": {"python": platform.python_version(),
+                                           "cpus": os.cpu_count(), "quick": quick}}
+    messages = workloads.messages(n_rss)
+    with servers() as s:
+        results["ceiling"] = bench_ceiling(s, messages[:n_drain])
+        results["naive"] = bench_naive(s, messages[: (500 if quick else 3000)])
+        results["drain"] = bench_drain(s, messages[:n_drain], profile=args.profile)
+        results["drain_100k_rss"] = bench_drain(s, messages[:n_rss])
+        results["latency"] = bench_latency(s, 1000, 10 if quick else 60)
+        results["recovery"] = bench_recovery(s, messages[: (2000 if quick else 10000)])
+        results["enqueue"] = bench_enqueue(s, 1000 if quick else 10000)
+        if not (quick or args.no_soak):
+            results["soak"] = bench_soak(s, 1000, 600)
+    ratios = {
+        "drain_vs_ceiling": round(results["drain"]["entries_per_second"]
+                                  / results["ceiling"]["entries_per_second"], 3),
+        "drain_vs_naive": round(results["drain"]["entries_per_second"]
+                                / results["naive"]["entries_per_second"], 1),
+    }
+    results["ratios"] = ratios
+    print(workloads.table(results))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

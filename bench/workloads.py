@@ -1,0 +1,190 @@
+"""The pieces of the benchmark suite: data, baselines, probes, the table."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, text
+
+from dlq_worker import pgcopy, producer, samples
+from dlq_worker.decode import AUDIT_EVENTS, decode_entry
+from dlq_worker.producer import Producer
+from dlq_worker.schema import audit_events
+
+EVENTS = "audit:dlq:events"
+COLUMNS = [c.name for c in audit_events.columns]
+
+
+def messages(n: int, seed: int = 42) -> list[bytes]:
+    """Realistic contract envelopes: ~1 KB, ~600 B of event_data, a third with every field."""
+    rng = random.Random(seed)
+    return [producer.build_message("audit_event", samples.audit_event(rng, full=i % 3 == 0))
+            for i in range(n)]
+
+
+def write_backlog(client: redis.Redis, batch: list[bytes]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for i, message in enumerate(batch):
+        pipe.xadd(EVENTS, {"message": message})
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    client.close()
+
+
+def ceiling(engine: Engine, batch: list[bytes]) -> dict[str, Any]:
+    """Decode in Python, COPY straight into the identical table: no Redis, no idempotency."""
+    started = time.perf_counter()
+    rows = [decode_entry(AUDIT_EVENTS, {b"message": m}).values for m in batch]
+    raw = engine.raw_connection()
+    try:
+        with raw.cursor() as cur:
+            for i in range(0, len(rows), 500):
+                cur.copy_expert(f"COPY audit_events ({', '.join(COLUMNS)}) FROM STDIN",
+                                pgcopy.encode(rows[i:i + 500], COLUMNS))
+        raw.commit()
+    finally:
+        raw.close()
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    return {"entries": len(batch), "seconds": round(seconds, 3),
+            "entries_per_second": round(len(batch) / seconds)}
+
+
+def naive(client: redis.Redis, engine: Engine, batch: list[bytes]) -> dict[str, Any]:
+    """The loop people write first: XREADGROUP COUNT 1 -> INSERT -> COMMIT -> XACK."""
+    write_backlog(client, batch)
+    client = redis.Redis(connection_pool=client.connection_pool)
+    client.xgroup_create(EVENTS, "naive", id="0")
+    stmt = audit_events.insert()
+    started = time.perf_counter()
+    with engine.connect() as conn:
+        while True:
+            reply: Any = client.xreadgroup("naive", "c", {EVENTS: ">"}, count=1)
+            if not reply:
+                break
+            entry_id, fields = reply[0][1][0]
+            conn.execute(stmt, decode_entry(AUDIT_EVENTS, fields).values)
+            conn.commit()
+            client.xack(EVENTS, "naive", entry_id)
+    seconds = time.perf_counter() - started
+    client.close()
+    engine.dispose()
+    return {"entries": len(batch), "seconds": round(seconds, 3),
+            "entries_per_second": round(len(batch) / seconds)}
+
+
+def produce_at_rate(client: redis.Redis, rate: int, seconds: float) -> dict[str, float]:
+    """Records at ``rate`` per second (in ticks of 10 ms); event_id -> wall time sent."""
+    rng = random.Random(7)
+    sent: dict[str, float] = {}
+    per_tick = max(1, rate // 100)
+    start = time.perf_counter()
+    tick = 0
+    while time.perf_counter() - start < seconds:
+        pipe = client.pipeline(transaction=False)
+        for _ in range(per_tick):
+            record = samples.audit_event(rng)
+            pipe.xadd(EVENTS, {"message": producer.build_message("audit_event", record)})
+            sent[record["event_id"]] = time.time()
+        pipe.execute()
+        tick += 1
+        delay = start + tick * 0.01 - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    client.close()
+    return sent
+
+
+def commit_latencies(engine: Engine, sent: dict[str, float]) -> list[float]:
+    """Entry written -> row committed, from PostgreSQL's commit timestamps."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT event_id::text, extract(epoch FROM pg_xact_commit_timestamp(xmin)) "
+            "FROM audit_events")).all()
+    engine.dispose()
+    return [float(committed) - sent[event_id] for event_id, committed in rows]
+
+
+def enqueue_latencies(client: redis.Redis, n: int) -> list[float]:
+    dlq = Producer(client)
+    rng = random.Random(3)
+    records = [samples.audit_event(rng) for _ in range(n)]
+    latencies = []
+    for record in records:
+        started = time.perf_counter()
+        dlq.enqueue(record, "audit_event")
+        latencies.append(time.perf_counter() - started)
+    client.close()
+    return latencies
+
+
+def start_profile(pid: int) -> tuple[subprocess.Popen[bytes], Path]:
+    out = Path(tempfile.mkstemp(prefix="dlq-profile-", suffix=".txt")[1])
+    proc = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
+                             "--rate", "200", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, out
+
+
+def stop_profile(spy: tuple[subprocess.Popen[bytes], Path]) -> list[dict[str, Any]]:
+    """Top functions by own time (the leaf of each sampled stack)."""
+    proc, out = spy
+    proc.send_signal(2)
+    proc.wait(30)
+    own: Counter[str] = Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if any("threading.py" in f and "wait" in f for f in frames[-2:]):
+            continue  # idle threads (HTTP server, monitor) waiting
+        own[frames[-1]] += int(count)
+        total += int(count)
+    out.unlink()
+    return [{"function": name, "percent": round(100 * n / total, 1)}
+            for name, n in own.most_common(12)] if total else []
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("ceiling: decode + COPY, no Redis, no idempotency",
+         f"{r['ceiling']['entries_per_second']:,} entries/s"),
+        ("naive: XREADGROUP 1 -> INSERT -> COMMIT -> XACK",
+         f"{r['naive']['entries_per_second']:,} entries/s"),
+        (f"dlq-worker drain ({r['drain']['entries']:,} backlog)",
+         f"{r['drain']['entries_per_second']:,} entries/s"),
+        ("  ratio to ceiling (target >= 0.7)", f"{r['ratios']['drain_vs_ceiling']}"),
+        ("  ratio to naive (target >= 10)", f"{r['ratios']['drain_vs_naive']}"),
+        ("end-to-end latency at 1,000/s p50 / p99 (target p99 <= 50 ms)",
+         f"{r['latency']['p50_ms']} / {r['latency']['p99_ms']} ms"),
+        (f"peak RSS draining {r['drain_100k_rss']['entries']:,} (target <= 100 MiB)",
+         f"{r['drain_100k_rss']['peak_rss_mib']} MiB"),
+        (f"backlog of {r['recovery']['entries']:,} gone after PostgreSQL answers (target <= 2 s)",
+         f"{r['recovery']['seconds_after_postgres_answers']} s"),
+        ("producer enqueue p50 / p99 (target p99 <= 1 ms)",
+         f"{r['enqueue']['p50_ms']} / {r['enqueue']['p99_ms']} ms"),
+    ]
+    if "soak" in r:
+        s = r["soak"]
+        rows.append((f"soak {s['seconds'] / 60:.0f} min at 1,000/s: RSS start -> end "
+                     "(target growth < 10 %)",
+                     f"{s['rss_start_mib']} -> {s['rss_end_mib']} MiB "
+                     f"({s['growth_percent']} %)"))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    if r["drain"].get("hotspots"):
+        lines.append("\nhotspots of the drain (own time):")
+        lines += [f"  {h['percent']:5.1f}%  {h['function']}" for h in r["drain"]["hotspots"]]
+    return "\n".join(lines)
+
