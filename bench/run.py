@@ -2,6 +2,7 @@
 
     python -m bench.run            # full suite (about 15 minutes: includes a 10-minute soak)
     python -m bench.run --quick    # smoke version (CI): small sizes, no soak
+    python -m bench.run --drain-only 20000   # just the drain rate, three runs
 
 Servers are this run's own: Redis (AOF, appendfsync everysec) and PostgreSQL (fsync on,
 track_commit_timestamp on, so a row's commit time is known exactly). The worker runs as a
@@ -267,7 +268,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke sizes, no soak (CI)")
     parser.add_argument("--no-soak", action="store_true", help="skip the 10-minute soak")
     parser.add_argument("--profile", action="store_true", help="py-spy the 50k drain")
+    parser.add_argument("--drain-only", type=int, metavar="N",
+                        help="only the drain of an N-entry backlog, three times")
     args = parser.parse_args()
+    if args.drain_only:
+        with servers() as s:
+            batch = workloads.messages(args.drain_only)
+            for run in range(3):
+                print(json.dumps({"bench": "drain", "run": run + 1, **bench_drain(s, batch)}),
+                      flush=True)
+        return
     quick = args.quick
     n_drain = 5000 if quick else 50000
     n_rss = 10000 if quick else 100000

@@ -63,13 +63,18 @@ def config_options(func: F) -> F:
     return func
 
 
-def load_config(config_path: str | None, flags: dict[str, Any]) -> Config:
+def flag_overrides(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The flags that were given, as config sections."""
     overrides: dict[str, dict[str, Any]] = {}
     for name, value in flags.items():
         if value is not None and name in _FLAGS:
             section, key = _FLAGS[name]
             overrides.setdefault(section, {})[key] = value
-    return config_mod.load(config_path, overrides=overrides)
+    return overrides
+
+
+def load_config(config_path: str | None, flags: dict[str, Any]) -> Config:
+    return config_mod.load(config_path, overrides=flag_overrides(flags))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

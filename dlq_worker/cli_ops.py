@@ -12,7 +12,7 @@ import redis
 
 from dlq_worker import deadletter as dl
 from dlq_worker import doctor as doctor_mod
-from dlq_worker.cli import cli, config_options, load_config
+from dlq_worker.cli import cli, config_options, flag_overrides, load_config
 from dlq_worker.config import Config, RedisConfig
 from dlq_worker.errors import ConfigError
 from dlq_worker.move import count_entries, stream_keys
@@ -265,23 +265,12 @@ def doctor(config_path: str | None, as_json: bool, **flags: Any) -> None:
     Example:
       dlq-worker doctor -c worker.yaml
     """
-    overrides = _overrides(flags)
+    overrides = flag_overrides(flags)
     checks = doctor_mod.run_checks(config_path, overrides)
     worst = doctor_mod.overall(checks)
     _emit({"status": worst, "checks": [c.__dict__ for c in checks]}, as_json,
           doctor_mod.format_checks(checks))
     sys.exit(doctor_mod.EXIT[worst])
-
-
-def _overrides(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from dlq_worker.cli import _FLAGS
-
-    out: dict[str, dict[str, Any]] = {}
-    for name, value in flags.items():
-        if value is not None and name in _FLAGS:
-            section, key = _FLAGS[name]
-            out.setdefault(section, {})[key] = value
-    return out
 
 
 @cli.command()
