@@ -35,8 +35,8 @@ from sqlalchemy import Engine, create_engine, text
 
 from bench import workloads
 from dlq_worker import config as config_mod
-from dlq_worker.sink import Sink
 from dlq_worker.embedded import PostgresProcess, RedisProcess, free_port
+from dlq_worker.sink import Sink
 
 EVENTS = "audit:dlq:events"
 
@@ -103,7 +103,7 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             try:
                 url = f"http://127.0.0.1:{self.port}/readyz"
-                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+                with urllib.request.urlopen(url, timeout=1) as resp:
                     if resp.status == 200:
                         return
             except OSError:
