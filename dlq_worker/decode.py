@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,6 +35,17 @@ _RFC3339 = re.compile(
     r"([Zz]|[+-]\d{2}:\d{2})$"
 )
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+#: 19+ digits in a row may be an integer beyond 64 bits, which orjson turns into a float.
+_LONG_NUMBER = re.compile(rb"\d{19,}")
+
+
+def _loads(raw: bytes | str) -> Any:
+    """orjson (about twice as fast) unless a number might not fit it exactly: audit data
+    must keep every digit, and jsonb stores numbers of any size."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    if _LONG_NUMBER.search(data):
+        return json.loads(data)
+    return orjson.loads(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +95,7 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
             reason="too_large",
         )
     try:
-        doc = orjson.loads(raw)
+        doc = _loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"message is not JSON: {_short(exc)}", reason="bad_json") from None
     except RecursionError:
@@ -94,7 +106,7 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     payload = doc.get("payload")
     if isinstance(payload, str):
         try:
-            payload = orjson.loads(payload)
+            payload = _loads(payload)
         except ValueError as exc:
             raise DecodeError(
                 f"payload string is not JSON: {_short(exc)}", reason="bad_payload"
@@ -313,7 +325,7 @@ def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> 
     except (binascii.Error, ValueError):
         raise DecodeError(f"{name}: not valid base64", reason="bad_base64") from None
     try:
-        doc = orjson.loads(raw)
+        doc = _loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DecodeError(f"{name}: base64 does not hold JSON", reason="bad_json") from None
     if not isinstance(doc, dict):

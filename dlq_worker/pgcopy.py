@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,7 +24,10 @@ def _text(value: str) -> str:
 
 
 def _json(value: Any) -> str:
-    return _text(orjson.dumps(value).decode())
+    try:
+        return _text(orjson.dumps(value).decode())
+    except TypeError:  # an integer beyond 64 bits: the standard library keeps it exact
+        return _text(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
 #: Exact type -> COPY text (a dict lookup per value: this runs for every field of every row).
@@ -54,8 +58,12 @@ def encode(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> io.Stri
     """The rows' ``columns`` as one COPY text stream (tab-separated, one row a line)."""
     convert = _CONVERT
     lines = []
-    for row in rows:
-        values = [row[c] for c in columns]
-        lines.append("\t".join(["\\N" if v is None else convert[type(v)](v) for v in values]))
+    try:
+        for row in rows:
+            values = [row[c] for c in columns]
+            lines.append("\t".join(["\\N" if v is None else convert[type(v)](v)
+                                    for v in values]))
+    except KeyError as exc:
+        raise TypeError(f"cannot COPY a value of {exc}") from None
     lines.append("")
     return io.StringIO("\n".join(lines))

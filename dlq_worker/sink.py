@@ -166,6 +166,15 @@ class Sink:
             return
         except RejectedError:
             pass
+        except DatabaseUnavailable as exc:
+            if not (self.copy and str(exc).startswith("SQLSTATE 42501")):
+                raise
+            # No TEMP privilege (a hardened database): plain INSERTs work without it.
+            self.copy = False
+            log.warning("cannot create a staging table; writing with INSERT from now on",
+                        extra={"event": "copy_disabled", "error": str(exc)})
+            self._write_table(table, records, indexes, result)
+            return
         # Some row is bad: redo under savepoints, bisecting down to the culprits.
         with self._translated(), self.engine.begin() as conn:
             self._insert_isolating(conn, table, records, indexes, result)
@@ -185,23 +194,21 @@ class Sink:
         stage = f"dlq_stage_{table}"
         names = ", ".join(columns)
         keys = ", ".join(CONFLICT_KEYS[table])
-        pooled = conn.connection
-        cursor = pooled.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor = None
         try:
-            if not pooled.info.get(stage):
-                # Temporary and emptied at every commit; NOT NULL is copied, CHECKs are not
-                # (the real INSERT enforces every constraint).
-                cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} "
-                               f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-                pooled.info[stage] = True
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            # Temporary, emptied at every commit, only the columns we write: no defaults
+            # (no sequence is drawn twice) and no constraints (the real INSERT enforces them
+            # all). Created in this transaction every time, so a rollback cannot leave a
+            # connection believing it has one.
+            cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS "
+                           f"AS SELECT {names} FROM {table} WITH NO DATA")
             cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN",
                                pgcopy.encode((records[i].values for i in indexes), columns))
             cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
                            f"ON CONFLICT DO NOTHING RETURNING {keys}")
             returned = cursor.fetchall()
         except BaseException as exc:
-            # The transaction rolls back, and a staging table made in it goes with it.
-            pooled.info.pop(stage, None)
             if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
                 conn.invalidate()
                 raise DatabaseUnavailable(f"connection lost: {_message(exc)}") from exc
@@ -212,7 +219,8 @@ class Sink:
                                     reason="unencodable") from exc
             raise
         finally:
-            cursor.close()
+            if cursor is not None:
+                cursor.close()
         _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
 
     def _insert(

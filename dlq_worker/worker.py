@@ -158,7 +158,7 @@ class Worker:
         except TransientError as exc:
             log.warning(
                 "shutdown timeout reached with entries in hand: left pending for redelivery",
-                extra={"event": "shutdown_incomplete", "entries": len(self._in_hand),
+                extra={"event": "shutdown_incomplete", "entries": len(self._holding()),
                        "error": str(exc)},
             )
         self.flusher.close()

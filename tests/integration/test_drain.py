@@ -64,6 +64,9 @@ def test_mixed_backlog_lands_with_every_field(bed: Bed, start_worker: Any) -> No
                  "delivery_status", "error_message", "escalation_level"):
         assert note[name] == notes[0][name], name
     assert note["id"] != 0  # the producer's zero id is ignored
+    with bed.engine.connect() as conn:
+        low, high = conn.execute(text("SELECT min(id), max(id) FROM notification_audit")).one()
+    assert high - low + 1 == 121  # one sequence value per row, none drawn twice
     assert note["sent_at"] == dt.datetime.fromisoformat(
         notes[0]["sent_at"][:26] + "+00:00")  # nanoseconds truncated to microseconds
     assert bed.pending(EVENTS) == 0 and bed.pending(NOTIFICATIONS) == 0
@@ -266,7 +269,9 @@ def test_awkward_text_survives_the_copy_path_exactly(bed: Bed, start_worker: Any
     awkward = 'tab\there\nnew line\\back\\slash \\N "quoted" é✓ 🚀\r'
     record["error_message"] = awkward
     record["resource_name"] = "\\N"
-    record["event_data"] = {"text": awkward, "nested": {"k\tey": ["\\", "\n", None, 1.5]}}
+    record["event_data"] = {"text": awkward, "nested": {"k\tey": ["\\", "\n", None, 1.5]},
+                            "big": 123456789012345678901234567890,  # beyond 64 bits: exact
+                            "small": -9223372036854775809}
     bed.xadd_raw(EVENTS, producer.build_message(producer.AUDIT_EVENT, record))
     start_worker()
     wait_until(lambda: bed.drained(EVENTS), 30)
@@ -276,3 +281,21 @@ def test_awkward_text_survives_the_copy_path_exactly(bed: Bed, start_worker: Any
     assert row.error_message == awkward
     assert row.resource_name == "\\N"
     assert row.event_data == record["event_data"]
+
+
+def test_database_without_temp_privilege_is_written_with_insert(bed: Bed,
+                                                                start_worker: Any) -> None:
+    # Given a hardened database: the worker's role may insert but not create temp tables
+    with bed.engine.begin() as conn:
+        conn.exec_driver_sql(f'REVOKE TEMP ON DATABASE "{bed.dbname}" FROM PUBLIC')
+        conn.exec_driver_sql("DO $$ BEGIN CREATE ROLE dlq_limited LOGIN; "
+                             "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        conn.exec_driver_sql("GRANT SELECT, INSERT ON audit_events, notification_audit "
+                             "TO dlq_limited")
+        conn.exec_driver_sql("GRANT USAGE ON SEQUENCE notification_audit_id_seq "
+                             "TO dlq_limited")
+    records = bed.produce_events(40)
+    worker = start_worker(database={"user": "dlq_limited"})
+    wait_until(lambda: bed.drained(EVENTS), 30)
+    assert sorted(bed.event_ids()) == sorted(r["event_id"] for r in records)
+    assert worker.app.sink.copy is False
