@@ -6,7 +6,9 @@
 
 Servers are this run's own: Redis (AOF, appendfsync everysec) and PostgreSQL (fsync on,
 track_commit_timestamp on, so a row's commit time is known exactly). The worker runs as a
-real `dlq-worker run` process. Prints a table, then one JSON document on the last line.
+real `dlq-worker run` process and is ready before any backlog is written; the DLQ stream
+exists, empty, with its group, as in steady state. Prints a table, then one JSON document
+on the last line.
 """
 
 from __future__ import annotations
@@ -128,8 +130,10 @@ class WorkerProcess:
 
 
 def reset(s: Servers) -> None:
+    """Empty tables, and the DLQ streams as in steady state: present, empty, with a group."""
     client = s.redis_client()
     client.flushdb()
+    client.xgroup_create(EVENTS, "dlq-worker", id="0", mkstream=True)
     client.close()
     engine = s.engine()
     with engine.begin() as conn:

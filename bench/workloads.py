@@ -62,7 +62,7 @@ def naive(client: redis.Redis, engine: Engine, batch: list[bytes]) -> dict[str, 
     """The loop people write first: XREADGROUP COUNT 1 -> INSERT -> COMMIT -> XACK."""
     write_backlog(client, batch)
     client = redis.Redis(connection_pool=client.connection_pool)
-    client.xgroup_create(EVENTS, "naive", id="0")
+    client.xgroup_create(EVENTS, "naive", id="0")  # its own group: the same entries
     stmt = audit_events.insert()
     started = time.perf_counter()
     with engine.connect() as conn:
