@@ -35,17 +35,28 @@ _RFC3339 = re.compile(
     r"([Zz]|[+-]\d{2}:\d{2})$"
 )
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
-#: 19+ digits in a row may be an integer beyond 64 bits, which orjson turns into a float.
-_LONG_NUMBER = re.compile(rb"\d{19,}")
+#: orjson parses an integer beyond 64 bits as a float; any float this large may be one.
+_BIG = float(2**63)
 
 
 def _loads(raw: bytes | str) -> Any:
-    """orjson (about twice as fast) unless a number might not fit it exactly: audit data
-    must keep every digit, and jsonb stores numbers of any size."""
-    data = raw.encode() if isinstance(raw, str) else raw
-    if _LONG_NUMBER.search(data):
-        return json.loads(data)
-    return orjson.loads(data)
+    """orjson (several times faster), unless the document holds a number it may have
+    rounded: audit data must keep every digit, and jsonb stores numbers of any size."""
+    doc = orjson.loads(raw)
+    if _maybe_rounded(doc):
+        return json.loads(raw)
+    return doc
+
+
+def _maybe_rounded(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return bool(abs(value) >= _BIG)
+    if kind is dict:
+        return any(_maybe_rounded(v) for v in value.values())
+    if kind is list:
+        return any(_maybe_rounded(v) for v in value)
+    return False
 
 
 @dataclass(frozen=True, slots=True)
