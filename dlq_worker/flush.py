@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from dlq_worker.config import Config
 from dlq_worker.decode import Record, decode_entry
@@ -25,7 +25,6 @@ from dlq_worker.source import Entry, Source, describe_entry
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Retry = Callable[[Callable[[], Any]], Any]
 
 

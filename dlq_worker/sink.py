@@ -208,16 +208,13 @@ class Sink:
             cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
                            f"ON CONFLICT DO NOTHING RETURNING {keys}")
             returned = cursor.fetchall()
-        except BaseException as exc:
-            if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
-                conn.invalidate()
-                raise DatabaseUnavailable(f"connection lost: {_message(exc)}") from exc
-            if isinstance(exc, psycopg2.Error):
-                raise classify_database_error(exc.pgcode, _message(exc)) from exc
-            if isinstance(exc, UnicodeError | ValueError | TypeError | OverflowError):
-                raise RejectedError(f"value cannot be sent to PostgreSQL: {type(exc).__name__}",
-                                    reason="unencodable") from exc
-            raise
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            conn.invalidate()  # raw DBAPI use: SQLAlchemy cannot see the connection broke
+            raise DatabaseUnavailable(f"connection lost: {_message(exc)}") from exc
+        except psycopg2.Error as exc:
+            raise classify_database_error(exc.pgcode, _message(exc)) from exc
+        except _UNENCODABLE as exc:
+            raise _unencodable(type(exc).__name__) from exc
         finally:
             if cursor is not None:
                 cursor.close()
@@ -239,17 +236,12 @@ class Sink:
             returned = conn.execute(stmt, rows).all()
         except sa_exc.DBAPIError as exc:
             raise _translate(exc) from exc
-        except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
-            # The driver could not encode a value (psycopg2 raises these unwrapped).
-            raise RejectedError(f"value cannot be sent to PostgreSQL: {type(exc).__name__}",
-                                reason="unencodable") from exc
+        except _UNENCODABLE as exc:
+            raise _unencodable(type(exc).__name__) from exc
         except sa_exc.StatementError as exc:
             # Raised by the driver before the server saw the statement: a value it cannot
             # send. Rows are validated when decoded, so this is one row's problem.
-            raise RejectedError(
-                f"value cannot be sent to PostgreSQL: {type(exc.orig).__name__}",
-                reason="unencodable",
-            ) from exc
+            raise _unencodable(type(exc.orig).__name__) from exc
         _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
 
     def _insert_isolating(
@@ -334,6 +326,14 @@ class Sink:
             raise _translate(exc) from exc
         except sa_exc.SQLAlchemyError as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {_message(exc)}") from exc
+
+
+#: What psycopg2 raises, unwrapped, for a value it cannot encode.
+_UNENCODABLE = (UnicodeError, ValueError, TypeError, OverflowError)
+
+
+def _unencodable(kind: str) -> RejectedError:
+    return RejectedError(f"value cannot be sent to PostgreSQL: {kind}", reason="unencodable")
 
 
 def _mark(records: Sequence[Record], indexes: Sequence[int], returned: list[tuple[str, ...]],
