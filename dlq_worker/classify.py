@@ -43,14 +43,22 @@ def redact(message: str) -> str:
 
 
 def classify_database_error(
-    sqlstate: str | None, message: str
+    sqlstate: str | None, message: str, *, constraint: str | None = None,
+    column: str | None = None, table: str | None = None,
 ) -> DatabaseUnavailable | RejectedError:
-    """The worker's view of a database error: DatabaseUnavailable or RejectedError."""
+    """The worker's view of a database error: DatabaseUnavailable or RejectedError.
+
+    A RejectedError's ``signature`` names its cause (SQLSTATE, table, and the constraint or
+    column where PostgreSQL reports one, else the redacted message): rows refused with one
+    signature, one after another, are how a schema change shows itself.
+    """
     first_line = redact((message or "").strip().splitlines()[0][:240]) if message else ""
     if sqlstate and (sqlstate[:2] in _PERMANENT_CLASSES or sqlstate in _PERMANENT_CODES):
+        where = constraint or column or first_line[:120]
+        signature = f"{sqlstate} {table or '?'} {where}"
         if sqlstate == "23514" and _NO_PARTITION in first_line:
-            return MissingPartition(first_line, sqlstate=sqlstate)
+            return MissingPartition(first_line, sqlstate=sqlstate, signature=signature)
         reason = _REASONS.get(sqlstate, f"sqlstate_{sqlstate.lower()}")
-        return RejectedError(first_line, reason=reason, sqlstate=sqlstate)
+        return RejectedError(first_line, reason=reason, sqlstate=sqlstate, signature=signature)
     code = f"SQLSTATE {sqlstate}: " if sqlstate else ""
     return DatabaseUnavailable(f"{code}{first_line}" if first_line else f"{code}database error")

@@ -83,6 +83,12 @@ class DatabaseConfig:
     statement_timeout: Duration = Duration(30.0)
     #: Create a missing monthly partition of audit_events instead of rejecting the row.
     create_missing_partitions: bool = True
+    #: ...but only for months this near the current one (UTC). A row outside the window
+    #: whose partition does not exist is parked (``outside_partition_window``): input never
+    #: decides DDL for year 9999. A year back covers any backlog the 7-day DLQ retention
+    #: allows many times over; one month ahead covers clock skew across a month's end.
+    partition_months_back: int = 12
+    partition_months_ahead: int = 1
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,9 @@ class StreamsConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     batch_size: int = 500
+    #: A batch also flushes once its entries hold this many bytes: memory is bounded by
+    #: bytes, not only by count (the contract allows 1 MiB envelopes).
+    batch_max_bytes: int = 16 * 1024 * 1024
     #: How long a partial batch waits for more entries before it is flushed.
     linger: Duration = Duration(0.0)
     #: Write a batch in the background while the next one is read and decoded.
@@ -119,6 +128,12 @@ class WorkerConfig:
     block: Duration = Duration(1.0)
     #: Deliveries (XPENDING's counter) after which a row PostgreSQL rejects is parked.
     max_deliveries: int = 5
+    #: Distinct entries rejected in a row, for one cause and with no row accepted between
+    #: them, that make a rejection systemic (a schema change, not bad rows): from then on
+    #: nothing is parked, the worker turns unready and retries slowly until a row is accepted.
+    systemic_after: int = 10
+    #: Slowest retry while rejection is systemic.
+    systemic_retry_max: Duration = Duration(60.0)
     #: First wait before a rejected entry is retried; doubles per delivery.
     reject_retry_initial: Duration = Duration(5.0)
     reject_retry_max: Duration = Duration(30.0)
@@ -282,6 +297,14 @@ def validate(config: Config) -> None:
     _check(bool(s.group), "streams.group", "a consumer group name")
     _check(s.max_length > 0, "streams.max_length", "a positive number")
     _check(1 <= w.batch_size <= 10000, "worker.batch_size", "between 1 and 10000")
+    _check(w.batch_max_bytes >= 1024 * 1024, "worker.batch_max_bytes", "at least 1048576 (1 MiB)")
+    _check(w.systemic_after >= 2, "worker.systemic_after", "at least 2")
+    _check(w.systemic_retry_max >= w.backoff_initial, "worker.systemic_retry_max",
+           ">= backoff_initial")
+    _check(0 <= d.partition_months_back <= 1200, "database.partition_months_back",
+           "between 0 and 1200")
+    _check(0 <= d.partition_months_ahead <= 120, "database.partition_months_ahead",
+           "between 0 and 120")
     _check(w.max_deliveries >= 1, "worker.max_deliveries", "at least 1")
     _check(w.block >= 0.001, "worker.block", "at least 1ms")
     _check(w.backoff_max >= w.backoff_initial > 0, "worker.backoff_max", ">= backoff_initial > 0")
@@ -450,6 +473,13 @@ def _read_secret(key: str, path: str) -> Secret:
 def _split_addr(addr: str) -> tuple[str, str, int]:
     """``host:port`` or ``redis[s]://host:port`` -> (scheme, host, port)."""
     text = addr.strip()
+    if "@" in text:
+        # user:pass@host:port, or a URL with credentials: refused without repeating the
+        # address, which holds a secret.
+        raise ConfigError(
+            "'redis.addr': credentials in the address are not accepted (the value is not "
+            "shown: it holds a secret); use REDIS_USERNAME and REDIS_PASSWORD(_FILE)"
+        )
     if "://" in text:
         parts = urlsplit(text)
         if parts.scheme not in ("redis", "rediss"):

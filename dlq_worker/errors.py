@@ -8,15 +8,25 @@ Library errors (redis-py, SQLAlchemy/psycopg2) are translated where they enter
     ├── StartupError             a server could not be reached at start; exit 3
     ├── NotFound                 an operator named a stream, ID or entry that is not there; exit 4
     ├── StreamGone               a DLQ stream (or its group) vanished: forget it, rediscover
+    ├── RedisCommandError        Redis answered with an error no retry cures (WRONGTYPE, a
+    │                            script error): contained to its entry, retried slowly
     ├── TransientError           the server is unreachable or busy: keep the batch in hand,
     │   │                        back off, never ack, never count it against the entry
     │   ├── RedisUnavailable
     │   └── DatabaseUnavailable
+    │       └── SystemicRejection  PostgreSQL refuses every row alike (a migration added a
+    │                            NOT NULL column...): not the rows' fault; hold, never park
     └── PermanentError           this entry can never be written as it is: isolate it, park it
         ├── DecodeError          the envelope or payload is malformed (certain: park at once)
-        ├── RejectedError        PostgreSQL refused the row (check, not-null, length, type,
-        │                        missing partition): retried by delivery count, then parked
-        └── MissingPartition     a RejectedError the worker may cure by creating the partition
+        ├── KeyConflict          another record already holds this key (certain: park at once)
+        ├── InternalError        processing it raised something unexpected: retried by
+        │                        delivery count like a rejection, then parked
+        └── RejectedError        PostgreSQL refused the row (check, not-null, length, type,
+            │                    missing partition): retried by delivery count, then parked
+            └── MissingPartition a RejectedError the worker may cure by creating the partition
+
+``certain`` on a PermanentError says whether retrying can change anything: certain ones are
+parked at their first delivery, the others after ``worker.max_deliveries``.
 """
 
 from __future__ import annotations
@@ -47,6 +57,12 @@ class StreamGone(DlqWorkerError):
         self.streams = streams
 
 
+class RedisCommandError(DlqWorkerError):
+    """Redis refused a command in a way retrying will not cure: a key of the wrong type,
+    a script error, an argument limit. The entry involved stays pending and is retried
+    slowly; the loop goes on with the others."""
+
+
 class TransientError(DlqWorkerError):
     """A server is unavailable. Nothing is wrong with the entries in hand."""
 
@@ -59,6 +75,12 @@ class DatabaseUnavailable(TransientError):
     """PostgreSQL did not answer, dropped the connection, or asked to retry."""
 
 
+class SystemicRejection(DatabaseUnavailable):
+    """PostgreSQL rejects every row alike, for the same reason: a schema change, a trigger,
+    a tightened CHECK. Treated as an outage (the batch stays in hand, nothing is parked)
+    until a row is accepted again."""
+
+
 class PermanentError(DlqWorkerError):
     """An entry that can never be written as it is.
 
@@ -68,17 +90,37 @@ class PermanentError(DlqWorkerError):
     """
 
     reason: str = "permanent"
+    #: Retrying cannot change the outcome: park at the first delivery.
+    certain: bool = False
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str | None = None,
+                 details: dict[str, str] | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+        #: Extra facts for the dead letter (``detail.<name>`` fields); never payload values.
+        self.details = dict(details or {})
 
 
 class DecodeError(PermanentError):
     """The stream entry or its JSON envelope/payload does not follow the contract."""
 
     reason = "decode_error"
+    certain = True
+
+
+class KeyConflict(PermanentError):
+    """A row with the same key exists and holds a different record (a reused ID)."""
+
+    reason = "key_conflict"
+    certain = True
+
+
+class InternalError(PermanentError):
+    """Something unexpected was raised while this entry was processed (a bug, or input no
+    one foresaw). Contained to the entry; parked after ``max_deliveries`` if it persists."""
+
+    reason = "internal_error"
 
 
 class RejectedError(PermanentError):
@@ -86,9 +128,12 @@ class RejectedError(PermanentError):
 
     reason = "rejected"
 
-    def __init__(self, message: str, *, reason: str | None = None, sqlstate: str | None = None):
+    def __init__(self, message: str, *, reason: str | None = None, sqlstate: str | None = None,
+                 signature: str | None = None) -> None:
         super().__init__(message, reason=reason)
         self.sqlstate = sqlstate
+        #: What makes two rejections "the same cause": SQLSTATE plus constraint or column.
+        self.signature = signature or f"{sqlstate or ''}:{self.reason}"
 
 
 class MissingPartition(RejectedError):

@@ -8,8 +8,10 @@ rejected). Only ``complete`` acknowledges, and only entries whose rows are commi
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
+import traceback
 from collections.abc import Callable, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,15 +19,37 @@ from typing import Any
 
 from dlq_worker.config import Config
 from dlq_worker.decode import Record, decode_entry
-from dlq_worker.errors import DecodeError, PermanentError, StreamGone, TransientError
+from dlq_worker.errors import (
+    DatabaseUnavailable,
+    DecodeError,
+    InternalError,
+    PermanentError,
+    RedisCommandError,
+    RejectedError,
+    StreamGone,
+    SystemicRejection,
+    TransientError,
+)
 from dlq_worker.metrics import Metrics
 from dlq_worker.policy import reject_delay
 from dlq_worker.sink import Outcome, Sink, WriteResult
 from dlq_worker.source import Entry, Source, describe_entry
+from dlq_worker.systemic import SystemicDetector
 
 log = logging.getLogger(__name__)
 
 Retry = Callable[[Callable[[], Any]], Any]
+
+
+def internal_error(stage: str, exc: BaseException) -> InternalError:
+    """An unexpected exception as a containable, parkable error: its type and a short
+    trace (file and line only: no locals, no values)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    trace = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                        for f in reversed(frames))
+    return InternalError(f"{stage}: {type(exc).__name__}: {str(exc)[:200]}",
+                         details={"exception": type(exc).__name__, "trace": trace[:600],
+                                  "stage": stage})
 
 
 @dataclass
@@ -36,6 +60,8 @@ class Batch:
     record_entries: list[Entry] = field(default_factory=list)
     #: Entries to acknowledge whatever the write does (deleted while pending).
     ack: list[Entry] = field(default_factory=list)
+    #: Entries that failed before the write (an unexpected decoder failure).
+    failed: list[tuple[Entry, PermanentError]] = field(default_factory=list)
     future: Future[WriteResult] | None = None
     #: (stream, id) of every entry, to tell what this worker still holds.
     held: frozenset[tuple[str, str]] = frozenset()
@@ -48,6 +74,7 @@ class Flusher:
     def __init__(self, config: Config, source: Source, sink: Sink, metrics: Metrics,
                  retry: Retry, retry_due: MutableMapping[tuple[str, str], float],
                  route: Callable[[str], str], clock: Callable[[], float] = time.monotonic,
+                 remaining: Callable[[], float | None] = lambda: None,
                  ) -> None:
         self.config = config
         self.source = source
@@ -57,6 +84,9 @@ class Flusher:
         self.retry_due = retry_due
         self.route = route
         self.clock = clock
+        #: Seconds left before the shutdown deadline (None: no stop requested).
+        self.remaining = remaining
+        self.systemic = SystemicDetector(config.worker.systemic_after)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         #: The batch being written in the background, if any.
         self.inflight: Batch | None = None
@@ -67,6 +97,22 @@ class Flusher:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def reset(self) -> None:
+        """Forget what is held (the loop restarts in place; Redis still has it pending).
+        A write still running finishes in the background; its result is not used."""
+        self.inflight = None
+        self.holding.clear()
+
+    def lost(self, stream: str, ids: Sequence[str], how: str) -> None:
+        """Entries that were pending and are gone from the stream, never written nor
+        parked: audit records lost to trimming (or deletion) outside the worker."""
+        if not ids:
+            return
+        self.metrics.pending_deleted.labels(stream).inc(len(ids))
+        log.error("AUDIT LOSS: pending entries were deleted from the stream before being "
+                  "written", extra={"event": "pending_deleted", "stream": stream,
+                                    "entries": len(ids), "ids": list(ids)[:50], "seen_by": how})
+
     def flush(self, entries: list[Entry], *, overlap: bool) -> None:
         """Flush entries; with ``overlap`` the write runs in the background and this
         returns at once (after completing the previous background batch)."""
@@ -74,10 +120,10 @@ class Flusher:
         self.holding |= batch.held
         self.finish()
         if overlap and batch.records:
-            batch.future = self._pool.submit(self.sink.write, batch.records)
+            batch.future = self._pool.submit(self.write, batch)
             self.inflight = batch
         else:
-            self.complete(batch, self.retry(lambda: self.sink.write(batch.records))
+            self.complete(batch, self.retry(lambda: self.write(batch))
                           if batch.records else None)
 
     def finish(self) -> None:
@@ -88,35 +134,104 @@ class Flusher:
             return
         assert batch.future is not None
         try:
-            result = batch.future.result()
+            result = batch.future.result(timeout=self.remaining())
+        except concurrent.futures.TimeoutError:
+            self.inflight = batch  # still ours: left pending in Redis, redelivered later
+            raise DatabaseUnavailable("shutdown deadline reached with a write in flight") \
+                from None
         except TransientError:
-            result = self.retry(lambda: self.sink.write(batch.records))
+            result = self.retry(lambda: self.write(batch))
         self.complete(batch, result)
+
+    # -- writing, with every surprise contained to the entry that causes it --
+
+    def write(self, batch: Batch) -> WriteResult:
+        """Write the batch's records. Anything unexpected is isolated by bisection, like a
+        rejected row: it ends as that entry's InternalError, the others are written. A
+        refusal that looks systemic raises SystemicRejection instead (hold, never park)."""
+        result = self._write_contained(batch.records, batch.record_entries)
+        self._observe(batch, result)
+        return result
+
+    def _write_contained(self, records: list[Record], entries: list[Entry]) -> WriteResult:
+        try:
+            return self.sink.write(records)
+        except TransientError:
+            raise
+        except Exception as exc:
+            if len(records) == 1:
+                err = internal_error("write", exc)
+                self._count_internal("write", err, entries[0])
+                return WriteResult([Outcome.REJECTED], {0: err})
+        middle = len(records) // 2
+        left = self._write_contained(records[:middle], entries[:middle])
+        right = self._write_contained(records[middle:], entries[middle:])
+        return WriteResult(
+            outcomes=left.outcomes + right.outcomes,
+            errors={**left.errors, **{middle + i: e for i, e in right.errors.items()}},
+            partitions_created=left.partitions_created + right.partitions_created,
+        )
+
+    def _observe(self, batch: Batch, result: WriteResult) -> None:
+        by_table: dict[str, tuple[list[int], list[tuple[tuple[str, str], str]]]] = {}
+        for i, (record, outcome) in enumerate(zip(batch.records, result.outcomes, strict=True)):
+            accepted, refused = by_table.setdefault(record.table, ([], []))
+            err = result.errors.get(i)
+            if outcome is not Outcome.REJECTED:
+                accepted.append(i)
+            elif type(err) is RejectedError or (isinstance(err, RejectedError)
+                                                and err.reason != "outside_partition_window"):
+                entry = batch.record_entries[i]
+                refused.append(((entry.stream, entry.id), err.signature))
+        before = self.systemic.systemic()
+        for table, (accepted, refused) in by_table.items():
+            self.systemic.observe(table, len(accepted), refused)
+        now = self.systemic.systemic()
+        for table in before.keys() - now.keys():
+            self.metrics.systemic.labels(table).set(0)
+            log.warning("rows accepted again: systemic rejection is over",
+                        extra={"event": "systemic_rejection_over", "table": table})
+        for table, cause in now.items():
+            if table not in before:
+                self.metrics.systemic.labels(table).set(1)
+                self.metrics.systemic_episodes.labels(table).inc()
+                log.error("every row refused for one cause: holding, parking nothing",
+                          extra={"event": "systemic_rejection", "table": table,
+                                 "cause": cause})
+        if now:
+            causes = "; ".join(f"{t}: {c}" for t, c in sorted(now.items()))
+            raise SystemicRejection(f"systemic rejection, nothing parked ({causes})")
+
+    def _count_internal(self, stage: str, err: InternalError, entry: Entry | None) -> None:
+        self.metrics.internal_errors.labels(stage).inc()
+        facts = describe_entry(entry) if entry is not None else {}
+        log.error("unexpected failure contained", extra={
+            "event": "internal_error", "stage": stage, **facts, "error": str(err),
+            "exception": err.details.get("exception"), "trace": err.details.get("trace")})
 
     def prepare(self, entries: list[Entry]) -> Batch:
         batch = Batch(entries, self.clock())
+        for entry in [e for e in entries if e.deleted]:
+            # Pending, but its entry is gone from the stream: nothing left to write.
+            batch.ack.append(entry)
+            self.lost(entry.stream, [entry.id], "XREADGROUP")
         for entry in entries:
             if entry.deleted:
-                # Pending, but its entry is gone from the stream: nothing left to write.
-                self.metrics.pending_deleted.labels(entry.stream).inc()
-                batch.ack.append(entry)
                 continue
             try:
                 batch.records.append(decode_entry(self.route(entry.stream), entry.fields))
                 batch.record_entries.append(entry)
             except DecodeError as exc:
-                self.park_now(entry, exc)
+                self.retry(lambda e=entry, x=exc: self.park(e, x))  # type: ignore[misc]
             except Exception as exc:  # a decoder bug must not stop the loop
-                log.exception("decoder failed unexpectedly", extra=describe_entry(entry))
-                self.park_now(entry, DecodeError(f"decoder failed: {type(exc).__name__}",
-                                                 reason="decoder_failure"))
+                err = internal_error("decode", exc)
+                self._count_internal("decode", err, entry)
+                batch.failed.append((entry, err))
         return batch
-
-    def park_now(self, entry: Entry, err: PermanentError) -> None:
-        self.retry(lambda: self.park(entry, err))
 
     def complete(self, batch: Batch, result: WriteResult | None) -> None:
         ack = list(batch.ack)
+        failed = list(batch.failed)
         if result is not None:
             for index, (entry, outcome) in enumerate(
                 zip(batch.record_entries, result.outcomes, strict=True)
@@ -129,13 +244,22 @@ class Flusher:
                     ack.append(entry)
             if result.partitions_created:
                 self.metrics.partitions_created.inc(len(result.partitions_created))
-            if result.errors:
-                rejected = [(batch.record_entries[i], err) for i, err in result.errors.items()]
-                self.retry(lambda: self.handle_rejected(rejected))
+            failed += [(batch.record_entries[i], err) for i, err in result.errors.items()]
+        for entry, err in [f for f in failed if f[1].certain]:
+            self.retry(lambda e=entry, x=err: self.park(e, x))  # type: ignore[misc]
+        rejected = [f for f in failed if not f[1].certain]
+        if rejected:
+            self.retry(lambda: self.handle_rejected(rejected))
         ids: dict[str, list[str]] = {}
         for entry in ack:
             ids.setdefault(entry.stream, []).append(entry.id)
-        self.retry(lambda: self.source.ack_and_delete(ids))
+        try:
+            self.retry(lambda: self.source.ack_and_delete(ids))
+        except RedisCommandError as exc:
+            # Committed but not acknowledged: still pending, so claimed again later and
+            # acknowledged then as duplicates. Nothing is lost; the loop goes on.
+            err = internal_error("ack", exc)
+            self._count_internal("ack", err, ack[0] if ack else None)
         self.holding -= batch.held
         self.metrics.batch_size.observe(len(batch.entries))
         self.metrics.flush_seconds.observe(self.clock() - batch.started)
@@ -178,7 +302,16 @@ class Flusher:
                 deliveries = self.source.delivery_counts(entry.stream, [entry.id]).get(
                     entry.id, 1)
             done = self.source.park(entry, reason=err.reason, error_class=type(err).__name__,
-                                    error=str(err), deliveries=deliveries)
+                                    error=str(err), deliveries=deliveries,
+                                    details=err.details)
+        except RedisCommandError as exc:
+            # Redis refuses the move itself (a dead-letter key of the wrong type...): the
+            # entry stays pending and is tried again slowly; the loop goes on.
+            internal = internal_error("park", exc)
+            self._count_internal("park", internal, entry)
+            self.retry_due[(entry.stream, entry.id)] = (
+                self.clock() + float(self.config.worker.reject_retry_max))
+            return
         except StreamGone:
             log.error("cannot park: its stream or group vanished; it is read again when the "
                       "stream reappears", extra={"event": "park_skipped",

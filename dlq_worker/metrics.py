@@ -15,7 +15,11 @@ from dlq_worker import __version__
 PREFIX = "dlq_worker"
 
 #: Reasons pre-initialised per stream so their series exist at zero.
-COMMON_REASONS = ("decode_error", "bad_json", "missing_field", "rejected", "missing_partition")
+COMMON_REASONS = ("decode_error", "bad_json", "missing_field", "rejected", "missing_partition",
+                  "internal_error", "key_conflict", "outside_partition_window")
+
+#: Where an unexpected failure can be contained (dlq_worker_internal_errors_total{stage}).
+STAGES = ("decode", "write", "park", "ack", "loop")
 
 
 class Metrics:
@@ -52,6 +56,19 @@ class Metrics:
             "Entries deleted from a DLQ stream (producer MAXLEN trimming) before the group "
             "read them: audit records lost outside the worker.",
             ["stream"], registry=r)
+        self.internal_errors = Counter(
+            f"{p}_internal_errors_total",
+            "Unexpected failures contained to their entry or batch, by stage (decode, write, "
+            "park, ack, loop): a bug or input no one foresaw; the drain went on.",
+            ["stage"], registry=r)
+        self.systemic = Gauge(
+            f"{p}_systemic_rejection",
+            "1 while PostgreSQL refuses every row of a table for one cause (a schema change): "
+            "the worker holds its batch, parks nothing and is not ready.",
+            ["table"], registry=r)
+        self.systemic_episodes = Counter(
+            f"{p}_systemic_rejections_total",
+            "Times a table's rows started being refused systemically.", ["table"], registry=r)
         self.transient_errors = Counter(f"{p}_transient_errors_total",
                                         "Failures because a server was unavailable.",
                                         ["server"], registry=r)
@@ -116,6 +133,8 @@ class Metrics:
             self.up.labels(server)
         for check in ("eviction_policy", "persistence", "memory"):
             self.redis_warning.labels(check)
+        for stage in STAGES:
+            self.internal_errors.labels(stage)
 
     def init_stream(self, stream: str, table: str) -> None:
         """Create a stream's series at zero so dashboards and alerts see them."""
@@ -129,3 +148,5 @@ class Metrics:
         for reason in COMMON_REASONS:
             self.parked.labels(stream, reason)
             self.rejected.labels(stream, reason)
+        self.systemic.labels(table)
+        self.systemic_episodes.labels(table)

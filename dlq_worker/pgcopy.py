@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import orjson
+from dlq_worker.decode import dumps_exact
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -24,10 +23,7 @@ def _text(value: str) -> str:
 
 
 def _json(value: Any) -> str:
-    try:
-        return _text(orjson.dumps(value).decode())
-    except TypeError:  # an integer beyond 64 bits: the standard library keeps it exact
-        return _text(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return _text(dumps_exact(value))
 
 
 #: Exact type -> COPY text (a dict lookup per value: this runs for every field of every row).

@@ -10,19 +10,27 @@ from tenacity import wait_exponential_jitter
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """A batch flushes when it is full, or when its first entry has waited ``linger``."""
+    """A batch flushes when it is full (by count or by bytes), or when its first entry
+    has waited ``linger``."""
 
     size: int
     linger: float
+    max_bytes: int = 16 * 1024 * 1024
 
-    def room(self, in_hand: int) -> int:
-        """How many more entries to read for this batch."""
-        return max(0, self.size - in_hand)
+    def room(self, in_hand: int, bytes_in_hand: int = 0, entry_size: float = 1.0) -> int:
+        """How many more entries to read for this batch: what the count allows, and what
+        the bytes allow at ``entry_size`` each (the largest of the last read). Always at
+        least one while the batch is empty, so an entry bigger than the budget still moves."""
+        by_count = self.size - in_hand
+        by_bytes = int((self.max_bytes - bytes_in_hand) // max(1.0, entry_size))
+        room = min(by_count, by_bytes)
+        return max(1 if in_hand == 0 else 0, room)
 
-    def due(self, in_hand: int, first_at: float | None, now: float) -> bool:
+    def due(self, in_hand: int, first_at: float | None, now: float,
+            bytes_in_hand: int = 0) -> bool:
         if in_hand == 0:
             return False
-        if in_hand >= self.size:
+        if in_hand >= self.size or bytes_in_hand >= self.max_bytes:
             return True
         return first_at is not None and now - first_at >= self.linger
 

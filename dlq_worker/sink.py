@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +28,16 @@ from sqlalchemy.engine import URL
 from dlq_worker import pgcopy
 from dlq_worker.classify import classify_database_error
 from dlq_worker.config import DatabaseConfig
-from dlq_worker.decode import AUDIT_EVENTS, Record
-from dlq_worker.errors import DatabaseUnavailable, MissingPartition, RejectedError, StartupError
+from dlq_worker.conflicts import find_conflicts
+from dlq_worker.decode import AUDIT_EVENTS, Record, dumps_exact
+from dlq_worker.errors import (
+    DatabaseUnavailable,
+    KeyConflict,
+    MissingPartition,
+    PermanentError,
+    RejectedError,
+    StartupError,
+)
 from dlq_worker.schema import (
     CONFLICT_KEYS,
     CREATE_TABLES,
@@ -40,6 +49,9 @@ from dlq_worker.schema import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Without the TEMP privilege the sink writes with INSERT, and tries COPY again this much later.
+COPY_REPROBE_SECONDS = 300.0
 
 
 class Outcome(enum.Enum):
@@ -53,7 +65,7 @@ class WriteResult:
     """Per record (same order as the input): its outcome, and the error if rejected."""
 
     outcomes: list[Outcome]
-    errors: dict[int, RejectedError] = field(default_factory=dict)
+    errors: dict[int, PermanentError] = field(default_factory=dict)
     partitions_created: list[str] = field(default_factory=list)
 
 
@@ -78,6 +90,8 @@ def make_engine(config: DatabaseConfig) -> Engine:
         database_url(config),
         # Payloads are audit data: SQLAlchemy must never put parameters in an error message.
         hide_parameters=True,
+        # jsonb values keep every digit (decoded numbers may be Decimal).
+        json_serializer=dumps_exact,
         pool_size=2,
         max_overflow=2,
         pool_recycle=1800,
@@ -103,6 +117,8 @@ class Sink:
         self.engine = engine if engine is not None else make_engine(config)
         #: COPY-based fast path for whole batches (the bisecting path always uses INSERT).
         self.copy = copy
+        #: While lacking the TEMP privilege: when to try COPY again (monotonic), else 0.
+        self._copy_off_until = 0.0
 
     def close(self) -> None:
         self.engine.dispose()
@@ -157,27 +173,57 @@ class Sink:
     ) -> None:
         # Optimistic pass: the whole group through COPY into a staging table, then one
         # INSERT ... SELECT ... ON CONFLICT DO NOTHING; no savepoint.
+        copy = self._copy_allowed()
         try:
             with self._translated(), self.engine.begin() as conn:
-                if self.copy:
+                if copy:
                     self._copy_insert(conn, table, records, indexes, result)
                 else:
                     self._insert(conn, table, records, indexes, result)
+                self._check_duplicates(conn, table, records, indexes, result)
             return
         except RejectedError:
             pass
         except DatabaseUnavailable as exc:
-            if not (self.copy and str(exc).startswith("SQLSTATE 42501")):
+            if not (copy and str(exc).startswith("SQLSTATE 42501")):
                 raise
-            # No TEMP privilege (a hardened database): plain INSERTs work without it.
-            self.copy = False
-            log.warning("cannot create a staging table; writing with INSERT from now on",
-                        extra={"event": "copy_disabled", "error": str(exc)})
+            # No TEMP privilege (a hardened database): plain INSERTs work without it. Probed
+            # again later: a privilege granted back brings the fast path back.
+            self._copy_off_until = time.monotonic() + COPY_REPROBE_SECONDS
+            log.warning("cannot create a staging table; writing with INSERT for a while",
+                        extra={"event": "copy_disabled", "error": str(exc),
+                               "retry_in_seconds": COPY_REPROBE_SECONDS})
             self._write_table(table, records, indexes, result)
             return
         # Some row is bad: redo under savepoints, bisecting down to the culprits.
         with self._translated(), self.engine.begin() as conn:
             self._insert_isolating(conn, table, records, indexes, result)
+
+    def _copy_allowed(self) -> bool:
+        if not self.copy:
+            return False
+        if self._copy_off_until and time.monotonic() < self._copy_off_until:
+            return False
+        if self._copy_off_until:
+            self._copy_off_until = 0.0
+            log.info("probing the COPY path again", extra={"event": "copy_reprobe"})
+        return True
+
+    def _check_duplicates(self, conn: Connection, table: str, records: Sequence[Record],
+                          indexes: Sequence[int], result: WriteResult) -> None:
+        """A row that already existed counts as written only if it holds the same record:
+        a different record under the same key (a reused ID) is a KeyConflict. One query,
+        only for batches that met an existing key."""
+        dups = [i for i in indexes if result.outcomes[i] is Outcome.DUPLICATE]
+        if not dups:
+            return
+        for i, (incoming, stored) in find_conflicts(conn, table, records, dups).items():
+            result.outcomes[i] = Outcome.REJECTED
+            keys = ", ".join(CONFLICT_KEYS[table])
+            result.errors[i] = KeyConflict(
+                f"a different record already exists under ({keys}): incoming sha256 "
+                f"{incoming[:16]}, stored sha256 {stored[:16]}",
+                details={"incoming_sha256": incoming, "stored_sha256": stored})
 
     def _copy_insert(
         self,
@@ -212,7 +258,7 @@ class Sink:
             conn.invalidate()  # raw DBAPI use: SQLAlchemy cannot see the connection broke
             raise DatabaseUnavailable(f"connection lost: {_message(exc)}") from exc
         except psycopg2.Error as exc:
-            raise classify_database_error(exc.pgcode, _message(exc)) from exc
+            raise _classify(exc, table) from exc
         except _UNENCODABLE as exc:
             raise _unencodable(type(exc).__name__) from exc
         finally:
@@ -235,7 +281,7 @@ class Sink:
         try:
             returned = conn.execute(stmt, rows).all()
         except sa_exc.DBAPIError as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, table) from exc
         except _UNENCODABLE as exc:
             raise _unencodable(type(exc).__name__) from exc
         except sa_exc.StatementError as exc:
@@ -259,6 +305,7 @@ class Sink:
             savepoint = conn.begin_nested()
             try:
                 self._insert(conn, table, records, chunk, result)
+                self._check_duplicates(conn, table, records, chunk, result)
                 savepoint.commit()
                 continue
             except RejectedError as err:
@@ -270,19 +317,27 @@ class Sink:
                 and table == AUDIT_EVENTS
             ):
                 months = {month_start(records[i].values["event_date"]) for i in chunk}
-                todo = sorted(months - tried_months)
+                todo = sorted(m for m in months - tried_months if self._in_window(m))
                 if todo:
                     tried_months.update(todo)
                     result.partitions_created += self._create_partitions(conn, todo)
                     stack.append(chunk)
                     continue
             if len(chunk) == 1:
+                if isinstance(rejection, MissingPartition) and not self._in_window(
+                        month_start(records[chunk[0]].values["event_date"])):
+                    rejection = outside_window(self.config, rejection)
                 result.outcomes[chunk[0]] = Outcome.REJECTED
                 result.errors[chunk[0]] = rejection
                 continue
             middle = len(chunk) // 2
             stack.append(chunk[middle:])
             stack.append(chunk[:middle])
+
+    def _in_window(self, month: dt.date) -> bool:
+        """Partitions are created only for months this near today: input never decides
+        DDL for year 9999 or year 1 (see database.partition_months_back/_ahead)."""
+        return month in partition_window(self.config)
 
     def _create_partitions(self, conn: Connection, months: list[dt.date]) -> list[str]:
         created: list[str] = []
@@ -303,7 +358,7 @@ class Sink:
             except sa_exc.DBAPIError as exc:
                 savepoint.rollback()
                 if _is_disconnect(exc):
-                    raise _translate(exc) from exc
+                    raise _translate(exc, AUDIT_EVENTS) from exc
                 # Lacking the privilege, or a concurrent worker created it first: either
                 # way the retried insert tells which.
                 log.warning(
@@ -362,11 +417,34 @@ def check_connection(config: DatabaseConfig) -> None:
         sink.close()
 
 
-def _translate(exc: sa_exc.DBAPIError) -> DatabaseUnavailable | RejectedError:
+def _translate(exc: sa_exc.DBAPIError, table: str | None = None,
+               ) -> DatabaseUnavailable | RejectedError:
     if _is_disconnect(exc):
         return DatabaseUnavailable(f"connection lost: {_message(exc)}")
-    sqlstate = getattr(exc.orig, "pgcode", None)
-    return classify_database_error(sqlstate, _message(exc))
+    return _classify(exc.orig, table)
+
+
+def _classify(orig: Any, table: str | None) -> DatabaseUnavailable | RejectedError:
+    diag = getattr(orig, "diag", None)
+    return classify_database_error(
+        getattr(orig, "pgcode", None), _message(orig),
+        constraint=getattr(diag, "constraint_name", None),
+        column=getattr(diag, "column_name", None),
+        table=getattr(diag, "table_name", None) or table)
+
+
+def partition_window(config: DatabaseConfig, today: dt.date | None = None) -> list[dt.date]:
+    """The months whose partition the worker may create, around today (UTC)."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    return months_around(today, config.partition_months_back, config.partition_months_ahead)
+
+
+def outside_window(config: DatabaseConfig, err: RejectedError) -> RejectedError:
+    return RejectedError(
+        f"{err}; the row's month is outside the partition window "
+        f"({config.partition_months_back} months back, {config.partition_months_ahead} ahead)",
+        reason="outside_partition_window", sqlstate=err.sqlstate,
+        signature=f"{err.signature} outside_window")
 
 
 def _is_disconnect(exc: sa_exc.DBAPIError) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dlq_worker.config import Config, RedisConfig
-from dlq_worker.errors import RedisUnavailable, StartupError, StreamGone
+from dlq_worker.errors import RedisCommandError, RedisUnavailable, StartupError, StreamGone
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,7 @@ log = logging.getLogger(__name__)
 _PARK = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
@@ -48,12 +47,40 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
-#: XCLAIM one entry to ourselves only while it is still pending on us.
+#: XCLAIM one entry to ourselves only while it is still pending on us. XCLAIM silently
+#: drops from the PEL an ID whose entry was deleted (trimmed) from the stream; the script
+#: tells that case apart: ``{'lost'}`` means it was pending on us and is now gone.
 _CLAIM_OWN = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return {} end
-return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
+local r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
+if #r == 0 then return {'lost'} end
+return r
 """
+
+#: Resets the idle time of entries we hold (XCLAIM JUSTID), returning the IDs that were
+#: pending on us but whose entry is gone: XCLAIM drops those from the PEL without a word.
+_TOUCH = """
+local lost = {}
+for i = 2, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 then
+    local r = redis.call('XCLAIM', KEYS[1], ARGV[1], p[1][2], 0, ARGV[i], 'JUSTID')
+    if #r == 0 then lost[#lost + 1] = ARGV[i] end
+  end
+end
+return lost
+"""
+
+#: Redis errors that mean "not now" rather than "never": the server is loading, busy,
+#: failing over or out of memory. Every other error reply is a RedisCommandError.
+_TRANSIENT_REPLIES = frozenset({"LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN",
+                                "CLUSTERDOWN", "OOM", "NOREPLICAS", "NOAUTH", "WRONGPASS",
+                                "NOPERM"})
+
+#: Fields of a parked entry kept one by one; beyond that the rest travel in one field, so
+#: an entry with thousands of fields is parked whole (Lua's unpack has a limit).
+MAX_PARKED_FIELDS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +94,18 @@ class Entry:
     @property
     def deleted(self) -> bool:
         return not self.fields
+
+    @property
+    def size(self) -> int:
+        """Bytes of its field names and values: what holding it in memory costs, roughly."""
+        return sum(len(k) + len(v) for k, v in self.fields.items())
+
+    @property
+    def first_failed_at(self) -> str:
+        """When it entered the DLQ (its ID's time, set by Redis): its first failure."""
+        ms = int(self.id.split("-", 1)[0])
+        stamp = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+        return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Redis:
@@ -99,16 +138,26 @@ _GONE = ("NOGROUP", "no such key")
 
 @contextmanager
 def translated(what: str, stream: str | None = None) -> Iterator[None]:
-    """Turn any redis-py error into RedisUnavailable, naming the operation; a vanished
-    stream or group (when ``stream`` is given) into StreamGone."""
+    """Turn any redis-py error into the worker's terms, naming the operation: a vanished
+    stream or group (when ``stream`` is given) into StreamGone; an error reply no retry
+    cures (WRONGTYPE, a script error) into RedisCommandError; the rest (connection lost,
+    loading, failing over) into RedisUnavailable."""
     try:
         yield
     except redis.ResponseError as exc:
-        if stream is not None and any(marker in str(exc) for marker in _GONE):
+        text = _first_line(exc)
+        if stream is not None and any(marker in text for marker in _GONE):
             raise StreamGone([stream]) from exc
-        raise RedisUnavailable(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        if _transient_reply(text):
+            raise RedisUnavailable(f"{what}: {type(exc).__name__}: {text}") from exc
+        raise RedisCommandError(f"{what}: {text}") from exc
     except redis.RedisError as exc:
         raise RedisUnavailable(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _transient_reply(text: str) -> bool:
+    # The error code may follow a script's own prefix: look at every upper-case word.
+    return not _TRANSIENT_REPLIES.isdisjoint(re.findall(r"\b[A-Z]{2,}\b", text))
 
 
 class Source:
@@ -127,6 +176,7 @@ class Source:
         self._park = self.client.register_script(_PARK)
         self._delete_consumer = self.client.register_script(_DELETE_IDLE_CONSUMER)
         self._claim_own = self.client.register_script(_CLAIM_OWN)
+        self._touch = self.client.register_script(_TOUCH)
 
     def close(self) -> None:
         self.client.close()
@@ -193,6 +243,11 @@ class Source:
                 self.group, self.consumer, streams, count=count, block=block
             )
         except redis.ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                # A DLQ key now holds something else: that stream is gone, as far as we go.
+                with translated("TYPE"):
+                    gone = [s for s in ids if self.client.type(s) not in (b"stream", "stream")]
+                raise StreamGone(gone or list(ids)) from exc
             if "NOGROUP" in str(exc):
                 # A stream was deleted (and maybe written again by a producer): recreate
                 # the group where the stream exists, report the ones that are gone.
@@ -208,15 +263,15 @@ class Source:
 
     def autoclaim(
         self, stream: str, min_idle_seconds: float, count: int
-    ) -> tuple[list[Entry], int]:
+    ) -> tuple[list[Entry], list[str]]:
         """Claim entries idle on any consumer, following the cursor until ``0-0``.
 
-        Returns (claimed entries, number of pending IDs whose entry had been deleted).
-        Since Redis 7, XAUTOCLAIM removes such IDs from the PEL itself and reports them
-        in a third reply element; they are only counted here.
+        Returns (claimed entries, pending IDs whose entry had been deleted). Since Redis 7,
+        XAUTOCLAIM removes such IDs from the PEL itself and reports them in a third reply
+        element: the caller must count them as lost, nothing else will.
         """
         claimed: list[Entry] = []
-        deleted = 0
+        deleted: list[str] = []
         cursor = "0-0"
         idle_ms = int(min_idle_seconds * 1000)
         with translated(f"XAUTOCLAIM {stream}", stream):
@@ -229,30 +284,41 @@ class Source:
                     if entry_id is not None:
                         claimed.append(Entry(stream, _text(entry_id), fields or {}))
                 if len(reply) > 2 and reply[2]:
-                    deleted += len(reply[2])
+                    deleted += [_text(i) for i in reply[2]]
                 if cursor == "0-0" or len(claimed) >= count:
                     break
         return claimed, deleted
 
-    def claim_own(self, stream: str, ids: Sequence[str]) -> list[Entry]:
+    def claim_own(self, stream: str, ids: Sequence[str]) -> tuple[list[Entry], list[str]]:
         """Re-deliver entries still pending on *us* (bumps their delivery count): how
-        rejected entries retry. One another worker has claimed meanwhile is left to it."""
+        rejected entries retry. One another worker has claimed meanwhile is left to it.
+
+        Returns (entries, IDs lost): pending on us, but deleted from the stream meanwhile
+        (producer trimming takes the oldest first, and a waiting rejected entry is old).
+        """
         entries: list[Entry] = []
+        lost: list[str] = []
         with translated(f"XCLAIM {stream}", stream):
             for entry_id in ids:
                 reply: Any = self._claim_own(keys=[stream],
                                              args=[self.group, self.consumer, entry_id])
+                if reply and reply[0] in (b"lost", "lost"):
+                    lost.append(entry_id)
+                    continue
                 for raw_id, flat in reply or []:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
                     entries.append(Entry(stream, _text(raw_id), fields))
-        return entries
+        return entries, lost
 
-    def touch(self, stream: str, ids: Sequence[str]) -> None:
+    def touch(self, stream: str, ids: Sequence[str]) -> list[str]:
         """Reset the idle time of entries we hold (XCLAIM JUSTID: the count is not bumped),
-        so that other workers do not claim them while we wait out an outage."""
-        if ids:
-            with translated(f"XCLAIM JUSTID {stream}", stream):
-                self.client.xclaim(stream, self.group, self.consumer, 0, list(ids), justid=True)
+        so that other workers do not claim them while we wait out an outage. Returns the
+        IDs that were pending on us but whose entry is gone (lost to trimming)."""
+        if not ids:
+            return []
+        with translated(f"XCLAIM JUSTID {stream}", stream):
+            lost: Any = self._touch(keys=[stream], args=[self.group, *ids])
+        return [_text(i) for i in lost or []]
 
     def delivery_counts(self, stream: str, ids: Iterable[str]) -> dict[str, int]:
         """XPENDING's delivery counter for each ID still pending."""
@@ -282,17 +348,23 @@ class Source:
             pipe.execute()
 
     def park(self, entry: Entry, *, reason: str, error_class: str, error: str,
-             deliveries: int) -> bool:
+             deliveries: int, details: Mapping[str, str] | None = None) -> bool:
         """Atomically move one entry to its dead-letter stream. False if no longer ours."""
         fields: list[Any] = []
         message = entry.fields.get(b"message")
         fields += [b"message", message if message is not None else b""]
-        for name, value in entry.fields.items():
-            if name != b"message":
-                fields += [b"original." + name, value]
+        others = [(name, value) for name, value in entry.fields.items() if name != b"message"]
+        for name, value in others[:MAX_PARKED_FIELDS]:
+            fields += [b"original." + name, value]
+        if len(others) > MAX_PARKED_FIELDS:
+            # Kept whole and exact: [[name, value], ...] as latin-1 text (a byte a char).
+            rest = [[n.decode("latin-1"), v.decode("latin-1")]
+                    for n, v in others[MAX_PARKED_FIELDS:]]
+            fields += [b"original_overflow_fields", json.dumps(rest)]
         fields += [
             b"original_id", entry.id,
             b"original_stream", entry.stream,
+            b"first_failed_at", entry.first_failed_at,
             b"moved_at", dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
             b"final_retry_count", str(deliveries),
             b"reason", reason,
@@ -300,6 +372,8 @@ class Source:
             b"error", error[:1000],
             b"consumer", self.consumer,
         ]
+        for detail, text in (details or {}).items():
+            fields += [f"detail.{detail}".encode(), text[:1000]]
         with translated(f"park {entry.stream} {entry.id}", entry.stream):
             done = self._park(
                 keys=[entry.stream, self.dead_letter_stream(entry.stream)],

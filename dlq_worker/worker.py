@@ -18,13 +18,16 @@ from typing import TypeVar
 import tenacity
 
 from dlq_worker.config import Config
+from dlq_worker.decode import MAX_ENVELOPE_BYTES
 from dlq_worker.errors import (
     DatabaseUnavailable,
+    RedisCommandError,
     RedisUnavailable,
     StreamGone,
+    SystemicRejection,
     TransientError,
 )
-from dlq_worker.flush import Flusher
+from dlq_worker.flush import Flusher, internal_error
 from dlq_worker.health import Health
 from dlq_worker.metrics import Metrics
 from dlq_worker.policy import BatchPolicy, transient_wait
@@ -53,12 +56,16 @@ class Worker:
         self.health = health
         self.clock = clock
         w = config.worker
-        self.policy = BatchPolicy(size=w.batch_size, linger=float(w.linger))
+        self.policy = BatchPolicy(size=w.batch_size, linger=float(w.linger),
+                                  max_bytes=w.batch_max_bytes)
         #: stream -> table, for every routed stream whose group exists.
         self.streams: dict[str, str] = {}
         #: stream -> cursor while re-reading our own pending entries (restart), else absent.
         self._replay: dict[str, str] = {}
         self._in_hand: dict[tuple[str, str], Entry] = {}
+        self._bytes_in_hand = 0
+        #: The largest entry of the last read: how many the next read may take.
+        self._entry_size = float(MAX_ENVELOPE_BYTES)
         self._first_at: float | None = None
         #: (stream, id) -> when a rejected entry is due for its next delivery.
         self._retry_due: dict[tuple[str, str], float] = {}
@@ -66,7 +73,8 @@ class Worker:
         self._next_claim = 0.0
         self._next_cleanup = 0.0
         self.flusher = Flusher(config, source, sink, metrics, self._with_retry,
-                               self._retry_due, lambda s: self.streams.get(s, ""), clock)
+                               self._retry_due, lambda s: self.streams.get(s, ""), clock,
+                               remaining=self._remaining)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._deadline: float | None = None
@@ -87,20 +95,53 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - self.clock())
+
     def run(self) -> None:
         """Run until request_stop(); returns after the final flush (or the deadline)."""
         log.info("worker started", extra={"event": "started", "consumer": self.source.consumer,
                                           "group": self.source.group})
-        self._with_retry(self.discover)
+        try:
+            self._with_retry(self.discover)
+        except TransientError:
+            if not self.stopping:
+                raise
         self.health.started()
+        failures = 0
         while not self.stopping:
             try:
                 self.step()
+                failures = 0
             except TransientError:
                 if not self.stopping:
                     raise
                 # a stop was requested and its deadline passed while a server was down
+            except Exception as exc:
+                failures += 1
+                self._contain_loop_failure(exc, failures)
         self._drain_on_stop()
+
+    def _contain_loop_failure(self, exc: Exception, failures: int) -> None:
+        """Last resort: something escaped every stage's own containment. The process does
+        not die for it (a crash loop would halt the drain while producers trim): the loop
+        restarts in place, as a fresh process would: what it held is still pending in
+        Redis and is read again from its pending list."""
+        err = internal_error("loop", exc)
+        self.metrics.internal_errors.labels("loop").inc()
+        log.error("unexpected failure in the run loop: restarting the loop in place",
+                  extra={"event": "internal_error", "stage": "loop", "error": str(err),
+                         "exception": err.details["exception"], "trace": err.details["trace"],
+                         "consecutive": failures})
+        self._in_hand.clear()
+        self._bytes_in_hand = 0
+        self._first_at = None
+        self.flusher.reset()
+        self._retry_due.clear()
+        for stream in self.streams:
+            self._replay[stream] = "0"
+        self._sleep(min(float(self.config.worker.backoff_max),
+                        float(self.config.worker.backoff_initial) * 2 ** min(failures, 10)))
 
     def step(self) -> None:
         """One turn of the loop."""
@@ -113,11 +154,14 @@ class Worker:
                 return
             block = self.policy.block_for(len(self._in_hand), self._first_at, now,
                                           float(self.config.worker.block))
+            if self._retry_due:  # wake for the next rejected entry's retry
+                block = max(0.001, min(block, min(self._retry_due.values()) - now))
             if self.flusher.inflight is not None:
                 block = 0.001  # a batch is being written: read the next one, do not wait
             entries = self._with_retry(lambda: self._read(block))
             self._take(entries)
-            if self.policy.due(len(self._in_hand), self._first_at, self.clock()):
+            if self.policy.due(len(self._in_hand), self._first_at, self.clock(),
+                               self._bytes_in_hand):
                 self.flush(overlap=bool(self.config.worker.overlap))
             elif not entries and self.flusher.inflight is not None:
                 self.flusher.finish()  # nothing new to overlap with: acknowledge it now
@@ -141,6 +185,7 @@ class Worker:
         entries = list(self._in_hand.values())
         if entries:
             self._in_hand.clear()
+            self._bytes_in_hand = 0
             self._first_at = None
             self.metrics.in_hand.set(0)
             self.flusher.flush(entries, overlap=overlap)
@@ -154,6 +199,10 @@ class Worker:
     def _drain_on_stop(self) -> None:
         error = ""
         try:
+            if self._remaining() == 0.0:
+                # No attempt after the deadline: one could last a connect or statement
+                # timeout. What is held stays pending and is redelivered.
+                raise DatabaseUnavailable("shutdown deadline reached")
             self.flusher.finish()
             self.flush()
         except TransientError as exc:
@@ -167,7 +216,7 @@ class Worker:
                 extra={"event": "shutdown_incomplete", "entries": len(left), "error": error},
             )
         self.flusher.close()
-        log.info("worker stopped", extra={"event": "stopped"})
+        log.info("worker stopped", extra={"event": "stopped", "left_pending": len(left)})
 
     # -- discovering and reading --
 
@@ -196,7 +245,7 @@ class Worker:
         self._next_discover = self.clock() + interval
 
     def _read(self, block: float) -> list[Entry]:
-        room = self.policy.room(len(self._in_hand))
+        room = self.policy.room(len(self._in_hand), self._bytes_in_hand, self._entry_size)
         if room == 0 or not self.streams:
             if not self.streams:
                 self._wake.wait(min(block, 0.2))
@@ -213,8 +262,15 @@ class Worker:
             if entries:
                 log.info("re-reading own pending entries",
                          extra={"event": "replay", "entries": len(entries)})
-                return entries
-        return self.source.read({s: ">" for s in self.streams}, room, block)
+                return self._sized(entries)
+        return self._sized(self.source.read({s: ">" for s in self.streams}, room, block))
+
+    def _sized(self, entries: list[Entry]) -> list[Entry]:
+        """Learn the entry size from each read, so the next read's count keeps the bytes
+        in hand under ``batch_max_bytes`` (start from the largest valid envelope)."""
+        if entries:
+            self._entry_size = float(max(e.size for e in entries))
+        return entries
 
     def _take(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -224,6 +280,7 @@ class Worker:
             if not self._in_hand:
                 self._first_at = self.clock()
             self._in_hand[key] = entry
+            self._bytes_in_hand += entry.size
             self.metrics.read.labels(entry.stream).inc()
         self.metrics.in_hand.set(len(self._in_hand))
 
@@ -246,7 +303,8 @@ class Worker:
     def claim_idle(self) -> None:
         """Take over entries left pending by consumers that stopped (crashed workers)."""
         for stream in list(self.streams):
-            room = self.policy.room(len(self._in_hand))
+            room = self.policy.room(len(self._in_hand), self._bytes_in_hand,
+                                    self._entry_size)
             if room == 0:
                 return
             entries, deleted = self.source.autoclaim(
@@ -255,11 +313,7 @@ class Worker:
             held = self._holding()
             fresh = [e for e in entries if (e.stream, e.id) not in held
                      and (e.stream, e.id) not in self._retry_due]
-            if deleted:
-                self.metrics.pending_deleted.labels(stream).inc(deleted)
-                log.warning("pending entries were deleted before being acknowledged",
-                            extra={"event": "pending_deleted", "stream": stream,
-                                   "entries": deleted})
+            self.flusher.lost(stream, deleted, "XAUTOCLAIM")
             if fresh:
                 self.metrics.claimed.labels(stream).inc(len(fresh))
                 log.info("claimed entries from idle consumers",
@@ -281,9 +335,11 @@ class Worker:
         for stream, entry_id in due:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
+            entries, lost = self.source.claim_own(stream, ids)
             for entry_id in ids:
                 self._retry_due.pop((stream, entry_id), None)
-            self._take(self.source.claim_own(stream, ids))
+            self.flusher.lost(stream, lost, "XCLAIM")
+            self._take(entries)
 
     # -- transient failures --
 
@@ -293,9 +349,16 @@ class Worker:
         Gives up (re-raising) only once a stop was requested and its deadline passed.
         """
         w = self.config.worker
+        outage = transient_wait(float(w.backoff_initial), float(w.backoff_max))
+        systemic = transient_wait(float(w.backoff_initial), float(w.systemic_retry_max))
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return systemic(state) if isinstance(exc, SystemicRejection) else outage(state)
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TransientError),
-            wait=transient_wait(float(w.backoff_initial), float(w.backoff_max)),
+            wait=wait,
             stop=self._past_deadline,
             sleep=self._sleep,
             before_sleep=self._on_transient,
@@ -319,11 +382,15 @@ class Worker:
             ids.setdefault(stream, []).append(entry_id)
         for stream, stream_ids in ids.items():
             # Redis down too (then nobody can claim them), or the stream gone: nothing to do.
-            with contextlib.suppress(TransientError, StreamGone):
-                self.source.touch(stream, stream_ids)
+            with contextlib.suppress(TransientError, StreamGone, RedisCommandError):
+                self.flusher.lost(stream, self.source.touch(stream, stream_ids), "XCLAIM")
 
     def _past_deadline(self, state: tenacity.RetryCallState) -> bool:
-        return self._deadline is not None and self.clock() >= self._deadline
+        """Give up once the shutdown deadline passed, or at once on a stop with nothing
+        in hand: there is nothing to finish, so nothing to wait for."""
+        if self._deadline is None:
+            return False
+        return self.clock() >= self._deadline or not self._holding()
 
     def _sleep(self, seconds: float) -> None:
         if self._deadline is None:
