@@ -173,7 +173,9 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     """Parse the ``message`` field of an entry into an Envelope."""
     raw = fields.get(b"message")
     if raw is None:
-        names = ", ".join(sorted(k.decode("utf-8", "replace") for k in fields)) or "none"
+        shown = sorted(k.decode("utf-8", "replace")[:40] for k in list(fields)[:10])
+        more = f" and {len(fields) - 10} more" if len(fields) > 10 else ""
+        names = ", ".join(shown) + more if shown else "none"
         raise DecodeError(f"entry has no 'message' field (fields: {names})", reason="no_message")
     if len(raw) > MAX_ENVELOPE_BYTES:
         raise DecodeError(

@@ -20,7 +20,7 @@ from dlq_worker.config import Config
 from dlq_worker.health import Health
 from dlq_worker.metrics import Metrics
 from dlq_worker.sink import Sink
-from dlq_worker.source import make_client, translated
+from dlq_worker.source import LOST_KEY, make_client, translated
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,6 @@ if old < 0 then return new end
 return new - old
 """
 
-#: Where that count lives, in the DLQ's database (a hash, outside the stream prefixes).
-LOST_KEY = "dlq-worker:trimmed-unread"
 
 MEMORY_WARN_RATIO = 0.9
 

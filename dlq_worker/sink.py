@@ -50,8 +50,6 @@ from dlq_worker.schema import (
 
 log = logging.getLogger(__name__)
 
-#: Without the TEMP privilege the sink writes with INSERT, and tries COPY again this much later.
-COPY_REPROBE_SECONDS = 300.0
 
 
 class Outcome(enum.Enum):
@@ -110,6 +108,10 @@ def make_engine(config: DatabaseConfig) -> Engine:
 
 class Sink:
     """Writes decoded records into their tables."""
+
+    #: Without the TEMP privilege the sink writes with INSERT, and tries COPY again this
+    #: much later (a privilege granted back brings the fast path back without a restart).
+    copy_reprobe_seconds = 300.0
 
     def __init__(self, config: DatabaseConfig, engine: Engine | None = None, *,
                  copy: bool = True) -> None:
@@ -189,10 +191,10 @@ class Sink:
                 raise
             # No TEMP privilege (a hardened database): plain INSERTs work without it. Probed
             # again later: a privilege granted back brings the fast path back.
-            self._copy_off_until = time.monotonic() + COPY_REPROBE_SECONDS
+            self._copy_off_until = time.monotonic() + self.copy_reprobe_seconds
             log.warning("cannot create a staging table; writing with INSERT for a while",
                         extra={"event": "copy_disabled", "error": str(exc),
-                               "retry_in_seconds": COPY_REPROBE_SECONDS})
+                               "retry_in_seconds": self.copy_reprobe_seconds})
             self._write_table(table, records, indexes, result)
             return
         # Some row is bad: redo under savepoints, bisecting down to the culprits.

@@ -72,6 +72,17 @@ end
 return lost
 """
 
+#: Where each stream's count of entries trimmed unread (since its group was created) lives,
+#: in the DLQ's database: a hash, outside the stream prefixes.
+LOST_KEY = "dlq-worker:trimmed-unread"
+
+#: Creates the group at 0 and forgets the trimmed-unread count of the group before it.
+_CREATE_GROUP = """
+redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
+redis.call('HDEL', KEYS[2], KEYS[1])
+return 1
+"""
+
 #: Redis errors that mean "not now" rather than "never": the server is loading, busy,
 #: failing over or out of memory. Every other error reply is a RedisCommandError.
 _TRANSIENT_REPLIES = frozenset({"LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN",
@@ -177,6 +188,7 @@ class Source:
         self._delete_consumer = self.client.register_script(_DELETE_IDLE_CONSUMER)
         self._claim_own = self.client.register_script(_CLAIM_OWN)
         self._touch = self.client.register_script(_TOUCH)
+        self._create_group = self.client.register_script(_CREATE_GROUP)
 
     def close(self) -> None:
         self.client.close()
@@ -215,9 +227,12 @@ class Source:
             return bool(self.client.exists(stream))
 
     def ensure_group(self, stream: str) -> bool:
-        """Create the group at ID 0 (never ``$``: that would skip the backlog). True if created."""
+        """Create the group at ID 0 (never ``$``: that would skip the backlog). True if created.
+
+        The stream's trimmed-unread count restarts with the group, in the same atomic step:
+        a deleted and recreated stream must not hide its new losses behind its old count."""
         try:
-            self.client.xgroup_create(stream, self.group, id="0")
+            self._create_group(keys=[stream, LOST_KEY], args=[self.group])
         except redis.ResponseError as exc:
             if "BUSYGROUP" in str(exc):
                 return False

@@ -14,8 +14,8 @@ import redis
 from dlq_worker.config import Config
 from dlq_worker.decode import AUDIT_EVENTS, decode_entry, decode_envelope
 from dlq_worker.errors import DecodeError, NotFound
-from dlq_worker.monitor import LOST_KEY, redis_durability, stream_stats
-from dlq_worker.source import translated
+from dlq_worker.monitor import redis_durability, stream_stats
+from dlq_worker.source import LOST_KEY, translated
 
 _ID = re.compile(r"^(\d+)(-\d+)?$")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -13,6 +14,7 @@ from typing import Any
 from sqlalchemy import text
 
 from dlq_worker import producer, samples
+from dlq_worker.sink import Sink
 from tests.conftest import EVENTS, GROUP, NOTIFICATIONS, Bed, wait_until
 
 
@@ -283,8 +285,8 @@ def test_awkward_text_survives_the_copy_path_exactly(bed: Bed, start_worker: Any
     assert row.event_data == record["event_data"]
 
 
-def test_database_without_temp_privilege_is_written_with_insert(bed: Bed,
-                                                                start_worker: Any) -> None:
+def test_database_without_temp_privilege_is_written_with_insert(
+        bed: Bed, start_worker: Any, monkeypatch: Any) -> None:
     # Given a hardened database: the worker's role may insert but not create temp tables
     with bed.engine.begin() as conn:
         conn.exec_driver_sql(f'REVOKE TEMP ON DATABASE "{bed.dbname}" FROM PUBLIC')
@@ -294,8 +296,17 @@ def test_database_without_temp_privilege_is_written_with_insert(bed: Bed,
                              "TO dlq_limited")
         conn.exec_driver_sql("GRANT USAGE ON SEQUENCE notification_audit_id_seq "
                              "TO dlq_limited")
+    monkeypatch.setattr(Sink, "copy_reprobe_seconds", 0.5)
     records = bed.produce_events(40)
     worker = start_worker(database={"user": "dlq_limited"})
     wait_until(lambda: bed.drained(EVENTS), 30)
     assert sorted(bed.event_ids()) == sorted(r["event_id"] for r in records)
-    assert worker.app.sink.copy is False
+    assert worker.app.sink._copy_off_until > 0, "COPY should be off without TEMP"
+
+    # When the privilege is granted back, COPY is probed again without a restart
+    with bed.engine.begin() as conn:
+        conn.exec_driver_sql(f'GRANT TEMP ON DATABASE "{bed.dbname}" TO dlq_limited')
+    time.sleep(0.6)  # past the re-probe interval
+    records += bed.produce_events(40)
+    wait_until(lambda: bed.drained(EVENTS) and bed.count("audit_events") == 80, 30)
+    assert worker.app.sink._copy_off_until == 0, "COPY should be back"

@@ -6,6 +6,7 @@ the streams and pending lists are empty.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import threading
@@ -15,6 +16,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from dlq_worker import producer, samples
 from tests.conftest import EVENTS, NOTIFICATIONS, Bed, OwnedBed, fast_env, wait_until
@@ -228,14 +230,13 @@ def test_poison_scattered_through_batches(bed: Bed, start_worker: Any) -> None:
 def test_redelivered_entries_already_written_are_acked_not_parked(bed: Bed,
                                                                    start_worker: Any) -> None:
     # Given a consumer that committed its rows and died before acknowledging them
-    valid = produce(bed, 300)
+    records = bed.produce_events(300)
+    valid = {r["event_id"] for r in records}
     first = start_worker(bed.config(streams={"consumer": "first"}))
     wait_until(lambda: bed.drained(EVENTS), 30)
     first.stop()
     bed.client.xtrim(EVENTS, maxlen=0)
-    for record_id in sorted(valid):  # the same records parked again by a producer retry
-        record = samples.audit_event(random.Random(record_id))
-        record["event_id"] = record_id
+    for record in records:  # the same records again, as a redelivery brings them
         bed.client.xadd(EVENTS, {"message": producer.build_message("audit_event", record)})
     bed.client.xreadgroup("dlq-worker", "crashed", {EVENTS: ">"}, count=1000)
     assert bed.pending(EVENTS) == 300
@@ -250,11 +251,12 @@ def test_redelivered_entries_already_written_are_acked_not_parked(bed: Bed,
     assert worker.metric("dlq_worker_entries_duplicate_total", stream=EVENTS) == 300
 
 
-def test_missing_partition_is_created(bed: Bed, start_worker: Any) -> None:
-    import datetime as dt
+#: Inside the partition window (12 months back) but before the template's partitions (2).
+_SIX_MONTHS_AGO = dt.datetime.now(dt.UTC) - dt.timedelta(days=183)
 
-    when = dt.datetime(2019, 3, 14, 15, 9, 26, tzinfo=dt.UTC)  # no partition that far back
-    record = samples.audit_event(random.Random(1), when=when)
+
+def test_missing_partition_is_created(bed: Bed, start_worker: Any) -> None:
+    record = samples.audit_event(random.Random(1), when=_SIX_MONTHS_AGO)
     bed.xadd_raw(EVENTS, producer.build_message("audit_event", record))
     valid = produce(bed, 20) | {record["event_id"]}
     worker = start_worker()
@@ -264,9 +266,7 @@ def test_missing_partition_is_created(bed: Bed, start_worker: Any) -> None:
 
 
 def test_missing_partition_parked_when_creation_is_off(bed: Bed, start_worker: Any) -> None:
-    import datetime as dt
-
-    record = samples.audit_event(random.Random(2), when=dt.datetime(2019, 3, 1, tzinfo=dt.UTC))
+    record = samples.audit_event(random.Random(2), when=_SIX_MONTHS_AGO)
     poison = {bed.xadd_raw(EVENTS, producer.build_message("audit_event", record))}
     valid = produce(bed, 20)
     start_worker(bed.config(database={"create_missing_partitions": False},
@@ -274,6 +274,31 @@ def test_missing_partition_parked_when_creation_is_off(bed: Bed, start_worker: A
     wait_until(lambda: bed.drained(EVENTS), 30)
     assert_no_loss(bed, valid, poison)
     assert bed.parked()[0][b"reason"] == b"missing_partition"
+
+
+def test_partition_outside_the_window_is_never_created(bed: Bed, start_worker: Any) -> None:
+    # Given events far outside the window: a far-future placeholder and a year-0001 stamp
+    poison = set()
+    for stamp in ("9999-12-31T23:59:59.999999Z", "0001-01-01T00:00:00Z",
+                  "2019-03-14T15:09:26Z"):
+        record = samples.audit_event(random.Random(3))
+        record["event_timestamp"] = stamp
+        poison.add(bed.xadd_raw(EVENTS, producer.build_message("audit_event", record)))
+    valid = produce(bed, 20)
+
+    # When a worker drains the stream
+    worker = start_worker()
+    wait_until(lambda: bed.drained(EVENTS), 30)
+
+    # Then they are parked with their own reason, no DDL ran, and the rest is written
+    assert_no_loss(bed, valid, poison)
+    assert {f[b"reason"] for f in bed.parked()} == {b"outside_partition_window"}
+    assert worker.metric("dlq_worker_partitions_created_total") == 0
+    with bed.engine.connect() as conn:
+        names = conn.execute(text("SELECT relname FROM pg_class WHERE relname LIKE "
+                                  "'audit_events_%'")).scalars().all()
+    assert not {"audit_events_9999_12", "audit_events_0001_01", "audit_events_2019_03"} & set(
+        names)
 
 
 def test_pending_entries_deleted_before_ack_are_counted(bed: Bed, start_worker: Any) -> None:

@@ -75,6 +75,11 @@ def test_rediss_url_turns_on_tls() -> None:
     ("streams:\n  dead_letter_prefix: 'audit:dlq:dead:'\n", {}, "outside streams.prefix"),
     ("", {"REDIS_ADDR": "redis.svc"}, "'redis.addr' expects host:port"),
     ("", {"REDIS_ADDR": "redis://u:p@redis.svc:6379"}, "credentials in the address"),
+    ("", {"REDIS_ADDR": "dlq:s3cr3t-pw@redis.svc:6379"}, "credentials in the address"),
+    ("", {"REDIS_ADDR": "rediss://:s3cr3t-pw@redis.svc:notaport"}, "credentials in the address"),
+    ("database:\n  partition_months_back: -1\n", {}, "'database.partition_months_back'"),
+    ("worker:\n  batch_max_bytes: 10\n", {}, "'worker.batch_max_bytes' expects at least"),
+    ("worker:\n  systemic_after: 1\n", {}, "'worker.systemic_after' expects at least 2"),
     ("", {"REDIS_DB": "one"}, "'redis.db' expects an integer"),
     ("", {"DLQ_WORKER_WORKER_BACH_SIZE": "3"}, "unknown setting DLQ_WORKER_WORKER_BACH_SIZE"),
     ("- a\n- b\n", {}, "the top level must be a mapping"),
@@ -88,6 +93,7 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, env: dict[str,
         load(env, path)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+    assert "s3cr3t" not in str(err.value)
 
 
 def test_kubernetes_service_env_vars_are_not_settings() -> None:

@@ -20,8 +20,8 @@ from dlq_worker.decode import (
     MAX_ENVELOPE_BYTES,
     NOTIFICATION_AUDIT,
     Record,
-    dumps_exact,
     decode_entry,
+    dumps_exact,
     parse_timestamp,
 )
 from dlq_worker.errors import DecodeError, PermanentError

@@ -7,6 +7,7 @@ import pytest
 from dlq_worker.classify import classify_database_error
 from dlq_worker.errors import DatabaseUnavailable, MissingPartition, RejectedError
 from dlq_worker.policy import BatchPolicy, park_schedule, reject_delay
+from dlq_worker.systemic import SystemicDetector
 
 
 def test_batch_flushes_when_full_or_lingered() -> None:
@@ -16,6 +17,60 @@ def test_batch_flushes_when_full_or_lingered() -> None:
     assert not policy.due(5, 10.0, 10.01)
     assert policy.due(5, 10.0, 10.06)
     assert policy.room(30) == 70 and policy.room(150) == 0
+
+
+def test_reads_and_flushes_are_bounded_by_bytes() -> None:
+    policy = BatchPolicy(size=500, linger=0.0, max_bytes=16 * 2**20)
+    # ~1 KB entries: the count is the limit; ~900 KB entries: the bytes are
+    assert policy.room(0, 0, 1_000) == 500
+    assert policy.room(0, 0, 900_000) == 18
+    assert policy.room(10, 10 * 900_000, 900_000) == 8
+    # an entry larger than the whole budget still moves, one at a time
+    assert policy.room(0, 0, 50 * 2**20) == 1
+    assert policy.room(1, 50 * 2**20, 50 * 2**20) == 0
+    lingering = BatchPolicy(size=500, linger=1.0, max_bytes=16 * 2**20)
+    assert lingering.due(3, 1.0, 1.0, bytes_in_hand=16 * 2**20)
+    assert not lingering.due(3, 1.0, 1.0, bytes_in_hand=2**20)
+
+
+def test_systemic_rejection_needs_a_streak_of_distinct_entries_over_batches() -> None:
+    nn = "23502 audit_events tenant"
+    detector = SystemicDetector(threshold=10)
+    # one batch of 20 refused rows for one cause: could be one bad producer burst
+    detector.observe("audit_events", 0, [(("s", f"{i}-0"), nn) for i in range(20)])
+    assert detector.systemic() == {}
+    # the next batch too: it is the schema
+    detector.observe("audit_events", 0, [(("s", f"{i}-0"), nn) for i in range(20, 25)])
+    assert detector.systemic() == {"audit_events": nn}
+    # the other table is not affected; one accepted row ends it
+    detector.observe("notification_audit", 3, [])
+    assert detector.systemic() == {"audit_events": nn}
+    detector.observe("audit_events", 1, [(("s", "99-0"), nn)])
+    assert detector.systemic() == {}
+
+
+def test_mixed_causes_or_redeliveries_of_the_same_entries_are_not_systemic() -> None:
+    detector = SystemicDetector(threshold=10)
+    for _ in range(5):  # the same three entries retried over and over
+        detector.observe("t", 0, [(("s", f"{i}-0"), "22001 t x") for i in range(3)])
+    assert detector.systemic() == {}
+    detector.observe("t", 0, [(("s", f"{i}-0"), "22001 t x") for i in range(10, 30)]
+                     + [(("s", "31-0"), "23514 t check")])
+    detector.observe("t", 0, [(("s", f"{i}-0"), "22001 t x") for i in range(40, 60)]
+                     + [(("s", "61-0"), "23514 t check")])
+    assert detector.systemic() == {}
+
+
+def test_redis_error_replies_are_told_apart() -> None:
+    from dlq_worker.source import _transient_reply
+
+    assert _transient_reply("LOADING Redis is loading the dataset in memory")
+    assert _transient_reply("Error running script (call to f_x): @user_script:1: "
+                            "READONLY You can't write against a read only replica.")
+    assert _transient_reply("OOM command not allowed when used memory > 'maxmemory'.")
+    assert not _transient_reply("WRONGTYPE Operation against a key holding the wrong kind "
+                                "of value script: 6f1e, on @user_script:7.")
+    assert not _transient_reply("ERR Error running script: too many results to unpack")
 
 
 def test_read_blocks_only_for_what_linger_has_left() -> None:

@@ -1,0 +1,122 @@
+"""Nothing disappears unseen: every way an entry can leave the DLQ without a row or a dead
+letter is counted, logged with its IDs, and alerted on; and a record that reuses a key is
+parked, never acknowledged as a duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from dlq_worker import producer, samples
+from dlq_worker.embedded import free_port
+from tests.conftest import EVENTS, Bed, OwnedBed, fast_env, wait_until
+
+DEAD = "audit:dead-letter:events"
+
+
+def test_rejected_entry_trimmed_while_waiting_for_its_retry_is_counted_lost(
+        bed: Bed, start_worker: Any, caplog: Any) -> None:
+    # Given a row PostgreSQL rejects, waiting for its next delivery
+    record = samples.audit_event(bed.rng)
+    record["actor_id"] = "x" * 300
+    poison = bed.xadd_raw(EVENTS, producer.build_message(producer.AUDIT_EVENT, record))
+    worker = start_worker(worker={"reject_retry_initial": "2s", "reject_retry_max": "2s"})
+    wait_until(lambda: worker.metric("dlq_worker_entries_rejected_total", stream=EVENTS,
+                                     reason="value_too_long") == 1, 20, "rejected once")
+
+    # When producer trimming deletes it before the retry (it is the oldest entry)
+    bed.client.xtrim(EVENTS, maxlen=0, approximate=False)
+
+    # Then the retry's XCLAIM finds it gone: counted, logged with its ID, not silent
+    wait_until(lambda: worker.metric("dlq_worker_pending_deleted_total", stream=EVENTS) == 1,
+               20, "loss counted")
+    assert bed.pending(EVENTS) == 0
+    assert bed.parked(DEAD) == []
+    lost = [r for r in caplog.records if getattr(r, "event", "") == "pending_deleted"]
+    assert lost and poison in lost[0].ids
+
+
+def test_recreated_group_reports_new_trimming_despite_an_older_count(bed: Bed,
+                                                                     start_worker: Any) -> None:
+    # Given a stream whose previous group had counted 5 entries trimmed unread, and a
+    # worker (PostgreSQL unreachable) that creates the group anew and holds one entry
+    bed.client.hset("dlq-worker:trimmed-unread", EVENTS, 5)
+    bed.produce_events(1)
+    worker = start_worker(worker={"batch_size": 1}, database={"port": free_port()})
+    wait_until(lambda: bed.pending(EVENTS) == 1, 20, "one entry in hand")
+
+    # When 4 more arrive and exact trimming keeps only the newest, deleting 3 unread
+    # entries and the one in hand
+    bed.produce_events(4)
+    bed.client.xtrim(EVENTS, maxlen=1, approximate=False)
+
+    # Then the 3 are reported although the old group's count was higher, and the entry
+    # lost while in hand is counted when the worker keeps its entries fresh
+    wait_until(lambda: worker.metric("dlq_worker_entries_trimmed_unread_total",
+                                     stream=EVENTS) == 3, 20, "new trimming counted")
+    wait_until(lambda: worker.metric("dlq_worker_pending_deleted_total", stream=EVENTS) == 1,
+               20, "loss of the held entry counted")
+    assert bed.client.hget("dlq-worker:trimmed-unread", EVENTS) == b"3"
+
+
+def _freeze(server: Any) -> tuple[Any, Any]:
+    """SIGSTOP/SIGCONT a server this test owns (a process, or a container)."""
+    if hasattr(server, "container"):
+        return server.container.pause, server.container.unpause
+    pid = server.proc.pid
+    return (lambda: os.kill(pid, signal.SIGSTOP)), (lambda: os.kill(pid, signal.SIGCONT))
+
+
+@pytest.mark.fault
+def test_crash_between_commit_and_ack_is_acked_as_duplicate_never_parked(
+        owned: OwnedBed, spawn_worker: Any) -> None:
+    # Given a worker whose insert is slowed inside PostgreSQL (a statement trigger that
+    # sleeps), so the batch is read and being written, not yet acknowledged
+    with owned.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(2); "
+            "RETURN NULL; END $$ LANGUAGE plpgsql")
+        conn.exec_driver_sql("CREATE TRIGGER slow AFTER INSERT ON audit_events "
+                             "FOR EACH STATEMENT EXECUTE FUNCTION slow()")
+    records = owned.produce_events(50)
+    freeze, thaw = _freeze(owned.redis_server)
+    env = {**owned.env(), **fast_env(), "DLQ_WORKER_HTTP_ENABLED": "false"}
+    first = spawn_worker(env)
+
+    def inserting() -> bool:
+        with owned.engine.connect() as conn:
+            return bool(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'INSERT INTO audit%' "
+                "AND wait_event = 'PgSleep'")).scalar_one())
+
+    wait_until(inserting, 30, "insert in progress")
+    # When Redis is frozen during the write, the COMMIT lands and the XACK cannot, and the
+    # worker is SIGKILLed right then
+    freeze()
+    try:
+        wait_until(lambda: owned.count("audit_events") == 50, 30, "committed")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        thaw()
+    assert owned.pending(EVENTS) == 50, "the batch must be committed and still pending"
+    with owned.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER slow ON audit_events")
+
+    # Then another worker claims the entries once idle and acknowledges them as duplicates:
+    # one row each, nothing parked
+    port = free_port()
+    spawn_worker({**env, "DLQ_WORKER_HTTP_ENABLED": "true", "DLQ_WORKER_HTTP_PORT": str(port),
+                  "DLQ_WORKER_HTTP_HOST": "127.0.0.1"})
+    wait_until(lambda: owned.drained(EVENTS), 60, "drained")
+    assert sorted(owned.event_ids()) == sorted(r["event_id"] for r in records)
+    assert owned.parked(DEAD) == []
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert f'dlq_worker_entries_duplicate_total{{stream="{EVENTS}"}} 50.0' in metrics
