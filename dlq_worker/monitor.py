@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 #: One stream's figures in one atomic step: depth, first ID, parked depth, and for the
 #: group: pending, lag, consumers, and how many entries at or before its last-delivered
 #: ID are still present (counted in the server: only numbers cross the network).
+#:
+#: The count is the one part that is not O(1): it walks those entries (the pending ones:
+#: acknowledged entries are deleted). On the shared instance it is bounded: one replica
+#: per interval does it (a lock key, KEYS[3], set for ARGV[3] ms); it is skipped while more
+#: than ARGV[2] entries are pending, and stops at ARGV[2] entries: "unknown" (false) for
+#: this poll. Trimming is counted from totals since the group was created, so a loss is
+#: still reported at the next poll that can afford the walk.
 _SNAPSHOT = """
 local function get(t, name)
   for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
@@ -37,16 +44,27 @@ local first = get(info, 'first-entry')
 local out = {get(info, 'length'), first and first[1] or false, redis.call('XLEN', KEYS[2]), 0}
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if get(g, 'name') == ARGV[1] then
-    local last = get(g, 'last-delivered-id')
     out[4] = 1
     out[5] = get(g, 'pending')
     out[6] = get(g, 'lag')
     out[7] = get(g, 'consumers')
-    out[8] = #redis.call('XRANGE', KEYS[1], '-', last)
+    out[8] = false
+    local limit = tonumber(ARGV[2])
+    -- every pending entry is one to walk: more than the limit, and the walk is skipped
+    if out[6] and out[5] < limit and redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then
+      local seen = #redis.call('XRANGE', KEYS[1], '-', get(g, 'last-delivered-id'),
+                               'COUNT', limit)
+      if seen < limit then out[8] = seen end
+    end
   end
 end
 return out
 """
+
+#: Entries the trim check walks at most per stream and poll.
+SNAPSHOT_WALK_LIMIT = 1000
+#: The key that lets one replica per interval run a stream's trim check.
+LOCK_PREFIX = "dlq-worker:trim-check:"
 
 #: Raises a stream's recorded count of entries trimmed unread and returns by how much,
 #: atomically: with several replicas polling, each loss is counted by exactly one, and a
@@ -89,15 +107,20 @@ class RedisDurability:
     warnings: list[str]
 
 
-def stream_stats(client: redis.Redis, config: Config, stream: str) -> StreamStats:
+def stream_stats(client: redis.Redis, config: Config, stream: str, *,
+                 check_interval_ms: int = 1) -> StreamStats:
     """Figures for one DLQ stream as the group sees them, read in one atomic step.
 
     A script, not three calls: between separate XINFO STREAM, XINFO GROUPS and XRANGE
-    calls a producer's writes would look like entries lost to trimming.
+    calls a producer's writes would look like entries lost to trimming. The trim check
+    runs in at most one caller per ``check_interval_ms`` (``lost_unread`` is None for
+    the others, and when the walk would be too long).
     """
     dead_letter = config.streams.dead_letter_prefix + stream[len(config.streams.prefix):]
+    lock = f"{LOCK_PREFIX}{stream}"
     with translated(f"XINFO {stream}", stream):
-        reply: Any = client.eval(_SNAPSHOT, 2, stream, dead_letter, config.streams.group)
+        reply: Any = client.eval(_SNAPSHOT, 3, stream, dead_letter, lock, config.streams.group,
+                                 SNAPSHOT_WALK_LIMIT, max(1, check_interval_ms))
     depth, first_id, dead_depth, has_group = (int(reply[0]), reply[1], int(reply[2]),
                                               bool(reply[3]))
     oldest = None
@@ -112,7 +135,7 @@ def stream_stats(client: redis.Redis, config: Config, stream: str) -> StreamStat
         stats.pending = int(pending)
         stats.lag = _int_or_none(lag)
         stats.consumers = int(consumers)
-        if stats.lag is not None:
+        if stats.lag is not None and delivered_present is not None:
             # lag counts entries added after the group's last read, present or not; the
             # ones still present are the stream minus those at or before last-delivered-id.
             stats.lost_unread = max(0, stats.lag - (depth - int(delivered_present)))
@@ -205,7 +228,8 @@ class Monitor:
         missing: list[str] = []
         for stream in self.streams():
             try:  # a failed poll must not end the thread
-                stats = stream_stats(self.client, self.config, stream)
+                stats = stream_stats(self.client, self.config, stream, check_interval_ms=int(
+                    float(self.config.worker.stats_interval) * 1000 * 0.9))
                 self.record(stats)
             except Exception as exc:
                 log.debug("stream stats failed", extra={"stream": stream, "error": str(exc)})

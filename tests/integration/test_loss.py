@@ -25,7 +25,9 @@ def test_rejected_entry_trimmed_while_waiting_for_its_retry_is_counted_lost(
     record = samples.audit_event(bed.rng)
     record["actor_id"] = "x" * 300
     poison = bed.xadd_raw(EVENTS, producer.build_message(producer.AUDIT_EVENT, record))
-    worker = start_worker(worker={"reject_retry_initial": "2s", "reject_retry_max": "2s"})
+    # (no XAUTOCLAIM runs meanwhile: only the retry's XCLAIM can see what happens to it)
+    worker = start_worker(worker={"reject_retry_initial": "2s", "reject_retry_max": "2s",
+                                  "claim_idle": "60s", "claim_interval": "60s"})
     wait_until(lambda: worker.metric("dlq_worker_entries_rejected_total", stream=EVENTS,
                                      reason="value_too_long") == 1, 20, "rejected once")
 
