@@ -155,7 +155,8 @@ def dl_list(config_path: str | None, ids: tuple[str, ...], stream: str | None,
     finally:
         client.close()
     text = "\n".join(f"{e['id']}  {e['original_stream']} {e['original_id']}  {e['reason']} "
-                     f"({e['error_class']}, {e['final_retry_count']} deliveries)  "
+                     f"({e['error_class']}, {e['final_retry_count']} deliveries, in trouble "
+                     f"since {e['first_failed_at'] or 'unknown'})  "
                      f"{e['error'][:80]}" for e in entries) or "(no parked entries)"
     _emit(entries, as_json, text)
 

@@ -62,6 +62,7 @@ class Parked:
             "dead_letter_stream": self.dead_letter_stream,
             "original_stream": self.original_stream,
             "original_id": self.get("original_id"),
+            "first_failed_at": self.get("first_failed_at"),
             "moved_at": self.get("moved_at"),
             "reason": self.get("reason"),
             "error_class": self.get("error_class"),

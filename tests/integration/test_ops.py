@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -97,6 +98,13 @@ def test_replay_by_reason_and_purge(bed: Bed, start_worker: Any) -> None:
     backlog_with_parked(bed, start_worker)
     listed = json.loads(cli(bed, "dead-letter", "list", "--json").stdout)
     assert {e["reason"] for e in listed} == {"bad_json", "bad_uuid", "value_too_long"}
+    for e in listed:  # when it entered the DLQ: its ID's time, before it was parked
+        assert e["first_failed_at"].endswith("Z")
+        assert e["first_failed_at"][:19] <= e["moved_at"][:19]
+        ms = int(e["original_id"].split("-")[0])
+        assert e["first_failed_at"][:19] == dt.datetime.fromtimestamp(
+            ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    assert "in trouble since 20" in cli(bed, "dead-letter", "list").stdout
 
     shown = cli(bed, "dead-letter", "show", listed[0]["id"], "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["reason"] == listed[0]["reason"]
