@@ -199,10 +199,18 @@ class Monitor:
     def _run(self) -> None:
         interval = min(5.0, float(self.config.worker.stats_interval))
         next_stats = 0.0
+        was_ready: bool | None = None
         while not self._stop.is_set():
             self.check_servers()
-            ready, _, _ = self.health.ready()
+            ready, reasons, _ = self.health.ready()
             self.metrics.ready.set(1 if ready else 0)
+            if ready != was_ready and "starting" not in reasons:
+                # The transitions an operator needs to see in the log, with the reasons.
+                if not ready:
+                    log.warning("not ready", extra={"event": "unready", "reasons": reasons})
+                elif was_ready is not None:
+                    log.info("ready again", extra={"event": "ready"})
+                was_ready = ready
             if time.monotonic() >= next_stats:
                 self.poll()
                 next_stats = time.monotonic() + float(self.config.worker.stats_interval)

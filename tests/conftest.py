@@ -267,7 +267,17 @@ class OwnedBed(Bed):
 
 @pytest.fixture
 def owned(servers: Servers) -> Iterator[OwnedBed]:
-    redis_server = servers.redis(appendonly=True)
+    yield from _owned(servers, fsync="always")
+
+
+@pytest.fixture
+def owned_everysec(servers: Servers) -> Iterator[OwnedBed]:
+    """An OwnedBed whose Redis syncs its AOF once a second, as production usually does."""
+    yield from _owned(servers, fsync="everysec")
+
+
+def _owned(servers: Servers, fsync: str) -> Iterator[OwnedBed]:
+    redis_server = servers.redis(appendonly=True, fsync=fsync)
     pg_server = servers.postgres()
     make_template(pg_server.port)
     create_database(pg_server.port, "dlq", template="dlq_template")

@@ -135,16 +135,17 @@ class Servers:
         self._dirs.append(path)
         return path
 
-    def redis(self, *, appendonly: bool = True) -> Server:
+    def redis(self, *, appendonly: bool = True, fsync: str = "always") -> Server:
         if self.docker is not None:
             image = os.environ.get("DLQ_TEST_REDIS_IMAGE", "redis:7")
             command = ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no",
                        "--appendonly", "yes" if appendonly else "no",
-                       "--appendfsync", "always", "--save", ""]
+                       "--appendfsync", fsync, "--save", ""]
             server: Any = ContainerServer(self.docker, image, 6379, command=command,
                                           ready=_redis_ready)
         else:
-            server = RedisProcess(self._workdir(), appendonly=appendonly)
+            server = RedisProcess(self._workdir(), appendonly=appendonly,
+                                  extra_args=["--appendfsync", fsync])
         self._owned.append(server)
         server.start()
         return server  # type: ignore[no-any-return]
