@@ -409,7 +409,10 @@ class Source:
         removed: list[str] = []
         for row in self.consumers(stream):
             name = str(row.get("name"))
-            idle_ms = int(row.get("inactive", row.get("idle", 0)) or 0)
+            # Redis 7.2+/Valkey: "inactive" is -1 for a consumer that never read; then the
+            # time since its last attempt ("idle") is all there is to go by.
+            inactive = int(row.get("inactive", -1) or 0)
+            idle_ms = inactive if inactive >= 0 else int(row.get("idle", 0) or 0)
             if name == self.consumer or int(row.get("pending", 0)) > 0:
                 continue
             if idle_ms < idle_seconds * 1000:

