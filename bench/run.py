@@ -36,6 +36,7 @@ import redis
 from sqlalchemy import Engine, create_engine, text
 
 from bench import workloads
+from bench.shared_redis import bench_shared_redis
 from dlq_worker import config as config_mod
 from dlq_worker.embedded import PostgresProcess, RedisProcess, free_port
 from dlq_worker.sink import Sink
@@ -196,6 +197,23 @@ def bench_drain(s: Servers, messages: list[bytes], profile: bool = False,
     return result
 
 
+def bench_big_entries(s: Servers, n: int, **settings: str) -> dict[str, Any]:
+    """Peak RSS while draining a backlog of ~900 KB entries: memory is bounded by bytes
+    (worker.batch_max_bytes), not by the entry count. The backlog is in Redis before the
+    worker starts."""
+    reset(s)
+    workloads.write_backlog(s.redis_client(), workloads.big_messages(n), chunk=20)
+    worker = WorkerProcess(s.env, **settings)
+    try:
+        started = time.perf_counter()
+        done = wait_drained(s, n, timeout=1800)
+        _, peak = worker.rss()
+    finally:
+        worker.stop()
+    return {"entries": n, "entry_bytes": 900_000, "seconds": round(done - started, 1),
+            "peak_rss_mib": round(peak / 2**20, 1), **settings}
+
+
 def bench_latency(s: Servers, rate: int, seconds: float, **settings: str) -> dict[str, Any]:
     reset(s)
     worker = WorkerProcess(s.env, **settings)
@@ -274,7 +292,17 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the 50k drain")
     parser.add_argument("--drain-only", type=int, metavar="N",
                         help="only the drain of an N-entry backlog, three times")
+    parser.add_argument("--big-entries", type=int, metavar="N",
+                        help="only the peak RSS of an N-entry backlog of ~900 KB entries, with "
+                             "the default byte bound and with a count-only bound")
     args = parser.parse_args()
+    if args.big_entries:
+        with servers() as s:
+            for settings in ({}, {"worker_batch_max_bytes": str(2**40)}):
+                print(json.dumps({"bench": "big_entries",
+                                  **bench_big_entries(s, args.big_entries, **settings)}),
+                      flush=True)
+        return
     if args.drain_only:
         with servers() as s:
             batch = workloads.messages(args.drain_only)
@@ -296,6 +324,8 @@ def main() -> None:
         results["latency"] = bench_latency(s, 1000, 10 if quick else 60)
         results["recovery"] = bench_recovery(s, messages[: (2000 if quick else 10000)])
         results["enqueue"] = bench_enqueue(s, 1000 if quick else 10000)
+        results["big_entries"] = bench_big_entries(s, 200 if quick else 5000)
+        results["shared_redis"] = bench_shared_redis(s.redis.port, 5 if quick else 15)
         if not (quick or args.no_soak):
             results["soak"] = bench_soak(s, 1000, 600)
     ratios = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Connection, Date, DateTime, Integer, text
@@ -50,27 +51,47 @@ def _rows_json(records: Sequence[Record], indexes: Sequence[int]) -> str:
     return dumps_exact(rows)
 
 
-def _digest(alias: str, columns: Sequence[str]) -> str:
-    row = ", ".join(f"{alias}.{c}" for c in columns)
+def _v(alias: str, column: str, jsonb: set[str]) -> str:
+    """A column as compared: for jsonb, the JSON value null counts as absent (rows written
+    by earlier versions through INSERT hold it where COPY wrote SQL NULL)."""
+    if column in jsonb:
+        return f"NULLIF({alias}.{column}, 'null'::jsonb)"
+    return f"{alias}.{column}"
+
+
+def _digest(alias: str, columns: Sequence[str], jsonb: set[str]) -> str:
+    row = ", ".join(_v(alias, c, jsonb) for c in columns)
     return f"encode(sha256(convert_to(ROW({row})::text, 'UTF8')), 'hex')"
 
 
-def find_conflicts(conn: Connection, table: str, records: Sequence[Record],
-                   indexes: Sequence[int]) -> dict[int, tuple[str, str]]:
-    """Of these records, whose key exists, those whose stored row differs.
+@dataclass(frozen=True)
+class Conflict:
+    """sha256 of the incoming record and of the stored row, over the same columns in the
+    same types (equal content, equal digests), and the names of the columns that differ."""
 
-    Returns index -> (sha256 of the incoming record, sha256 of the stored row), both over
-    the same columns in the same types, so equal content gives equal digests.
-    """
+    incoming: str
+    stored: str
+    columns: str
+
+
+def find_conflicts(conn: Connection, table: str, records: Sequence[Record],
+                   indexes: Sequence[int]) -> dict[int, Conflict]:
+    """Of these records, whose key exists, those whose stored row differs."""
     if not indexes:
         return {}
     columns = list(records[indexes[0]].values)
     keys = CONFLICT_KEYS[table]
     declared = ", ".join(["dlq_ord bigint"] + [f"{c} {_sql_type(table, c)}" for c in columns])
-    same = " AND ".join(f"s.{c} IS NOT DISTINCT FROM t.{c}" for c in columns)
+    jsonb = {c for c in columns if _sql_type(table, c) == "jsonb"}
+    same = " AND ".join(f"{_v('s', c, jsonb)} IS NOT DISTINCT FROM {_v('t', c, jsonb)}"
+                        for c in columns)
+    differ = ", ".join(f"CASE WHEN {_v('s', c, jsonb)} IS DISTINCT FROM {_v('t', c, jsonb)} "
+                       f"THEN '{c}' END" for c in columns)
     join = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-    sql = (f"SELECT s.dlq_ord, {_digest('s', columns)}, {_digest('t', columns)} "
+    sql = (f"SELECT s.dlq_ord, {_digest('s', columns, jsonb)}, {_digest('t', columns, jsonb)}, "
+           f"array_to_string(ARRAY[{differ}], ',') "
            f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS s({declared}) "
            f"JOIN {table} t ON {join} WHERE NOT ({same})")
     found = conn.execute(text(sql), {"rows": _rows_json(records, indexes)}).all()
-    return {int(ord_): (str(mine), str(theirs)) for ord_, mine, theirs in found}
+    return {int(ord_): Conflict(str(mine), str(theirs), str(cols))
+            for ord_, mine, theirs, cols in found}

@@ -51,8 +51,10 @@ audit_events = Table(
     Column("span_id", String(255)),
     Column("namespace", String(253)),
     Column("cluster_id", String(255)),
-    Column("event_data", JSONB, nullable=False),
-    Column("event_metadata", JSONB),
+    # none_as_null: an absent value is SQL NULL, as the COPY path writes it, never the JSON
+    # value null (SQLAlchemy's default for JSON types).
+    Column("event_data", JSONB(none_as_null=True), nullable=False),
+    Column("event_metadata", JSONB(none_as_null=True)),
     Column("severity", String(20)),
     Column("duration_ms", Integer),
     Column("error_code", String(50)),

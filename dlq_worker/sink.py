@@ -219,13 +219,14 @@ class Sink:
         dups = [i for i in indexes if result.outcomes[i] is Outcome.DUPLICATE]
         if not dups:
             return
-        for i, (incoming, stored) in find_conflicts(conn, table, records, dups).items():
+        for i, c in find_conflicts(conn, table, records, dups).items():
             result.outcomes[i] = Outcome.REJECTED
             keys = ", ".join(CONFLICT_KEYS[table])
             result.errors[i] = KeyConflict(
-                f"a different record already exists under ({keys}): incoming sha256 "
-                f"{incoming[:16]}, stored sha256 {stored[:16]}",
-                details={"incoming_sha256": incoming, "stored_sha256": stored})
+                f"a different record already exists under ({keys}): differs in {c.columns}; "
+                f"incoming sha256 {c.incoming[:16]}, stored sha256 {c.stored[:16]}",
+                details={"incoming_sha256": c.incoming, "stored_sha256": c.stored,
+                         "differing_columns": c.columns})
 
     def _copy_insert(
         self,

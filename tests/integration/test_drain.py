@@ -306,7 +306,27 @@ def test_database_without_temp_privilege_is_written_with_insert(
     # When the privilege is granted back, COPY is probed again without a restart
     with bed.engine.begin() as conn:
         conn.exec_driver_sql(f'GRANT TEMP ON DATABASE "{bed.dbname}" TO dlq_limited')
-    time.sleep(0.6)  # past the re-probe interval
+    wait_until(lambda: time.monotonic() > worker.app.sink._copy_off_until, 5, "re-probe due")
     records += bed.produce_events(40)
     wait_until(lambda: bed.drained(EVENTS) and bed.count("audit_events") == 80, 30)
     assert worker.app.sink._copy_off_until == 0, "COPY should be back"
+
+
+def test_rows_written_around_a_rejected_row_keep_absent_values_null(bed: Bed,
+                                                                    start_worker: Any) -> None:
+    # Given valid records without event_metadata in a batch with a row PostgreSQL refuses,
+    # so the batch is written row by row under savepoints (INSERT, not COPY)
+    valid = bed.produce_events(5)
+    bad = samples.audit_event(bed.rng)
+    bad["actor_id"] = "x" * 300
+    bed.client.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, bad)})
+    start_worker(worker={"max_deliveries": 1})
+    wait_until(lambda: bed.drained(EVENTS), 30, "drained")
+
+    # Then an absent event_metadata is SQL NULL, exactly as the COPY path writes it, never
+    # the JSON value null
+    with bed.engine.connect() as conn:
+        kinds = conn.execute(text(
+            "SELECT event_metadata IS NULL, count(*) FROM audit_events GROUP BY 1")).all()
+    assert kinds == [(True, len(valid))]
+    assert all(r.get("event_metadata") is None for r in valid)

@@ -69,7 +69,8 @@ def test_postgres_outage_during_drain_loses_and_parks_nothing(owned: OwnedBed,
     wait_until(lambda: _status(worker.url + "/readyz") == 503, 20, "not ready during outage")
     assert _status(worker.url + "/healthz") == 200  # alive: the loop keeps turning
     valid |= produce(owned, 1000)
-    time.sleep(3)  # several backoff rounds against a dead server
+    wait_until(lambda: worker.metric("dlq_worker_transient_errors_total",
+                                     server="postgres") >= 5, 30, "several failed attempts")
     owned.pg_server.start()
     back = time.monotonic()
     wait_until(lambda: owned.drained(EVENTS), 60, "drained after recovery")
@@ -83,11 +84,12 @@ def test_postgres_outage_during_drain_loses_and_parks_nothing(owned: OwnedBed,
 
 def test_postgres_killed_mid_transaction(owned: OwnedBed, start_worker: Any) -> None:
     valid = produce(owned, 8000)
-    start_worker(owned.config(worker={"batch_size": 500}))
+    worker = start_worker(owned.config(worker={"batch_size": 500}))
     wait_until(lambda: owned.count("audit_events") > 1000, 60, "draining")
     # SIGKILL of the postmaster and every backend: in-flight transactions die with them
     owned.pg_server.kill()
-    time.sleep(1)
+    wait_until(lambda: worker.metric("dlq_worker_transient_errors_total",
+                                     server="postgres") > 0, 30, "the worker noticed")
     owned.pg_server.start()  # crash recovery
     back = time.monotonic()
     wait_until(lambda: owned.drained(EVENTS), 90, "drained after crash recovery")
@@ -100,7 +102,8 @@ def test_redis_killed_and_restarted_with_aof(owned: OwnedBed, start_worker: Any)
     worker = start_worker(owned.config(worker={"batch_size": 200}))
     wait_until(lambda: owned.count("audit_events") > 500, 60, "draining")
     owned.redis_server.kill()  # appendfsync always: what Redis acknowledged is on disk
-    time.sleep(1)
+    wait_until(lambda: worker.metric("dlq_worker_transient_errors_total", server="redis") > 0,
+               30, "the worker noticed")
     owned.redis_server.start()
     back = time.monotonic()
     wait_until(lambda: owned.drained(EVENTS), 90, "drained after Redis restart")
@@ -389,8 +392,9 @@ def test_eviction_policy_and_old_entries_are_reported(owned: OwnedBed, start_wor
 def test_notifications_survive_outage_too(owned: OwnedBed, start_worker: Any) -> None:
     notes = owned.produce_notifications(500)
     owned.pg_server.stop()
-    start_worker(owned.config())
-    time.sleep(1.5)
+    worker = start_worker(owned.config())
+    wait_until(lambda: worker.metric("dlq_worker_transient_errors_total",
+                                     server="postgres") >= 3, 30, "several failed attempts")
     owned.pg_server.start()
     wait_until(lambda: owned.drained(NOTIFICATIONS), 60)
     assert owned.count("notification_audit") == len(notes)
@@ -404,7 +408,9 @@ def test_entries_held_through_an_outage_are_not_stolen(owned: OwnedBed,
     workers = [start_worker(owned.config(worker={"batch_size": 100},
                                          streams={"consumer": name})) for name in ("a", "b")]
     wait_until(lambda: owned.pending(EVENTS) >= 200, 20, "both hold a batch")
-    time.sleep(5)  # claim_idle is 2s here
+    # The scenario is time passing: more than twice claim_idle (2 s here), during which each
+    # worker tried to claim idle entries several times (claim_interval 500 ms).
+    time.sleep(5)
 
     # When it returns
     owned.pg_server.start()
@@ -423,12 +429,12 @@ def test_deleted_stream_is_forgotten_and_recreated_stream_drained(bed: Bed,
     bed.client.xadd("audit:dlq:notification",
                     {"message": producer.build_message("notification_audit",
                                                        samples.notification(bed.rng))})
-    start_worker()
+    worker = start_worker()
     wait_until(lambda: bed.drained(NOTIFICATIONS, "audit:dlq:notification"), 30)
 
     # When streams vanish (deleted, evicted, a Redis restart without persistence)
     bed.client.delete("audit:dlq:notification", NOTIFICATIONS)
-    time.sleep(1)
+    wait_until(lambda: NOTIFICATIONS not in worker.app.worker.streams, 20, "stream forgotten")
 
     # Then the others keep draining, and a stream written again is found and drained from 0
     valid = produce(bed, 50)
@@ -470,7 +476,9 @@ def test_missing_table_keeps_the_worker_unready_and_parks_nothing(bed: Bed,
 
     wait_until(unready_for_postgres, 20, "not ready, naming the missing table")
     assert bed.pending(NOTIFICATIONS) == 5
-    time.sleep(1)  # several more attempts
+    tried = worker.metric("dlq_worker_transient_errors_total", server="postgres")
+    wait_until(lambda: worker.metric("dlq_worker_transient_errors_total",
+                                     server="postgres") >= tried + 3, 20, "more attempts")
     assert bed.parked("audit:dead-letter:notifications") == []
 
     # And once the table is back it drains by itself
