@@ -179,8 +179,7 @@ class Flusher:
             err = result.errors.get(i)
             if outcome is not Outcome.REJECTED:
                 accepted.append(i)
-            elif type(err) is RejectedError or (isinstance(err, RejectedError)
-                                                and err.reason != "outside_partition_window"):
+            elif isinstance(err, RejectedError) and err.reason != "outside_partition_window":
                 entry = batch.record_entries[i]
                 refused.append(((entry.stream, entry.id), err.signature))
         before = self.systemic.systemic()
@@ -198,8 +197,11 @@ class Flusher:
                 log.error("every row refused for one cause: holding, parking nothing",
                           extra={"event": "systemic_rejection", "table": table,
                                  "cause": cause})
-        if now:
-            causes = "; ".join(f"{t}: {c}" for t, c in sorted(now.items()))
+        # Hold this batch only for a table of its own that is refused systemically (and had
+        # no row accepted here): a batch of other tables goes through.
+        held = {t: c for t, c in now.items() if t in by_table and not by_table[t][0]}
+        if held:
+            causes = "; ".join(f"{t}: {c}" for t, c in sorted(held.items()))
             raise SystemicRejection(f"systemic rejection, nothing parked ({causes})")
 
     def _count_internal(self, stage: str, err: InternalError, entry: Entry | None) -> None:

@@ -51,7 +51,8 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     out[8] = false
     local limit = tonumber(ARGV[2])
     -- every pending entry is one to walk: more than the limit, and the walk is skipped
-    if out[6] and out[5] < limit and redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then
+    if out[6] and out[5] < limit and
+       (ARGV[3] == '0' or redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3])) then
       local seen = #redis.call('XRANGE', KEYS[1], '-', get(g, 'last-delivered-id'),
                                'COUNT', limit)
       if seen < limit then out[8] = seen end
@@ -108,19 +109,20 @@ class RedisDurability:
 
 
 def stream_stats(client: redis.Redis, config: Config, stream: str, *,
-                 check_interval_ms: int = 1) -> StreamStats:
+                 check_interval_ms: int = 0) -> StreamStats:
     """Figures for one DLQ stream as the group sees them, read in one atomic step.
 
     A script, not three calls: between separate XINFO STREAM, XINFO GROUPS and XRANGE
     calls a producer's writes would look like entries lost to trimming. The trim check
-    runs in at most one caller per ``check_interval_ms`` (``lost_unread`` is None for
-    the others, and when the walk would be too long).
+    runs in at most one caller per ``check_interval_ms`` when that is given (the worker's
+    monitor; an operator's ``status`` always runs it); ``lost_unread`` is None for the
+    others, and when the walk would be too long.
     """
     dead_letter = config.streams.dead_letter_prefix + stream[len(config.streams.prefix):]
     lock = f"{LOCK_PREFIX}{stream}"
     with translated(f"XINFO {stream}", stream):
         reply: Any = client.eval(_SNAPSHOT, 3, stream, dead_letter, lock, config.streams.group,
-                                 SNAPSHOT_WALK_LIMIT, max(1, check_interval_ms))
+                                 SNAPSHOT_WALK_LIMIT, max(0, check_interval_ms))
     depth, first_id, dead_depth, has_group = (int(reply[0]), reply[1], int(reply[2]),
                                               bool(reply[3]))
     oldest = None
@@ -236,8 +238,8 @@ class Monitor:
         missing: list[str] = []
         for stream in self.streams():
             try:  # a failed poll must not end the thread
-                stats = stream_stats(self.client, self.config, stream, check_interval_ms=int(
-                    float(self.config.worker.stats_interval) * 1000 * 0.9))
+                stats = stream_stats(self.client, self.config, stream, check_interval_ms=max(
+                    1, int(float(self.config.worker.stats_interval) * 1000 * 0.9)))
                 self.record(stats)
             except Exception as exc:
                 log.debug("stream stats failed", extra={"stream": stream, "error": str(exc)})

@@ -170,3 +170,38 @@ def test_a_consumer_holding_entries_is_never_removed(binary: str, tmp_path: Path
         client.close()
     finally:
         server.kill()
+
+
+def test_reused_key_with_other_content_is_parked_never_acked_as_duplicate(
+        bed: Bed, start_worker: Any) -> None:
+    # Given rows already written for an event and a notification
+    event, note = samples.audit_event(bed.rng), samples.notification(bed.rng)
+    for stream, kind, record in ((EVENTS, producer.AUDIT_EVENT, event),
+                                 ("audit:dlq:notifications", producer.NOTIFICATION, note)):
+        bed.client.xadd(stream, {"message": producer.build_message(kind, record)})
+    worker = start_worker()
+    wait_until(lambda: bed.drained(EVENTS, "audit:dlq:notifications"), 20, "first drain")
+
+    # When a producer reuses both keys for different records, and redelivers the same ones
+    reused = [
+        bed.xadd_raw(EVENTS, producer.build_message(producer.AUDIT_EVENT,
+                                                    {**event, "event_outcome": "reused-id"})),
+        bed.xadd_raw("audit:dlq:notifications", producer.build_message(
+            producer.NOTIFICATION, {**note, "recipient": "someone-else"})),
+    ]
+    bed.xadd_raw(EVENTS, producer.build_message(producer.AUDIT_EVENT, event))
+    wait_until(lambda: bed.drained(EVENTS, "audit:dlq:notifications"), 20, "second drain")
+
+    # Then the different records are parked as key conflicts, naming what differs, with both
+    # digests; the same record again is a duplicate; the stored rows are untouched
+    parked = bed.parked(DEAD) + bed.parked("audit:dead-letter:notifications")
+    assert sorted(f[b"original_id"].decode() for f in parked) == sorted(reused)
+    assert {f[b"reason"] for f in parked} == {b"key_conflict"}
+    assert {f[b"detail.differing_columns"] for f in parked} == {b"event_outcome", b"recipient"}
+    for f in parked:
+        assert len(f[b"detail.incoming_sha256"]) == len(f[b"detail.stored_sha256"]) == 64
+        assert f[b"detail.incoming_sha256"] != f[b"detail.stored_sha256"]
+    assert worker.metric("dlq_worker_entries_duplicate_total", stream=EVENTS) == 1
+    with bed.engine.connect() as conn:
+        assert conn.execute(text("SELECT event_outcome FROM audit_events")).scalar_one() == \
+            event["event_outcome"]
