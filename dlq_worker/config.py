@@ -119,7 +119,7 @@ class WorkerConfig:
     batch_size: int = 500
     #: A batch also flushes once its entries hold this many bytes: memory is bounded by
     #: bytes, not only by count (the contract allows 1 MiB envelopes).
-    batch_max_bytes: int = 16 * 1024 * 1024
+    batch_max_bytes: int = 4 * 1024 * 1024
     #: How long a partial batch waits for more entries before it is flushed.
     linger: Duration = Duration(0.0)
     #: Write a batch in the background while the next one is read and decoded.

@@ -15,7 +15,7 @@ class BatchPolicy:
 
     size: int
     linger: float
-    max_bytes: int = 16 * 1024 * 1024
+    max_bytes: int = 4 * 1024 * 1024
 
     def room(self, in_hand: int, bytes_in_hand: int = 0, entry_size: float = 1.0) -> int:
         """How many more entries to read for this batch: what the count allows, and what
