@@ -189,4 +189,4 @@ def main() -> None:
 
 
 # The operator commands register themselves on ``cli``.
-from dlq_worker import cli_ops  # noqa: E402, F401
+from dlq_worker import cli_chain, cli_ops  # noqa: E402, F401

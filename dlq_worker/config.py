@@ -89,6 +89,13 @@ class DatabaseConfig:
     #: allows many times over; one month ahead covers clock skew across a month's end.
     partition_months_back: int = 12
     partition_months_ahead: int = 1
+    #: The platform's tamper-evident hash chain for audit_events: auto, off, sha256, hmac.
+    #: auto links rows when the target schema has the hash columns and the platform's
+    #: audit_event_lock_id() (with HMAC when a key is set), and writes them unhashed if not.
+    hash_chain: str = "auto"
+    #: The platform's HMAC key (only from the environment or a file, like passwords).
+    hash_chain_key: Secret = field(default=Secret(""), repr=False)
+    hash_chain_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,8 @@ _PLATFORM_ENV = {
     "DB_PASSWORD_FILE": ("database", "password_file"),
     "DB_SSLMODE": ("database", "sslmode"),
 }
-_SECRETS = {("redis", "password"), ("database", "password")}
+_SECRETS = {("redis", "password"), ("database", "password"), ("database", "hash_chain_key")}
+_CHAIN_MODES = {"auto", "off", "sha256", "hmac"}
 _SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
 _LEVELS = {"debug", "info", "warning", "error"}
 _FORMATS = {"auto", "json", "console"}
@@ -280,6 +288,11 @@ def validate(config: Config) -> None:
     _check(r.db >= 0, "redis.db", "a database number >= 0")
     _check(1 <= d.port <= 65535, "database.port", "a port between 1 and 65535")
     _check(d.sslmode in _SSLMODES, "database.sslmode", f"one of {', '.join(sorted(_SSLMODES))}")
+    _check(d.hash_chain in _CHAIN_MODES, "database.hash_chain",
+           f"one of {', '.join(sorted(_CHAIN_MODES))}")
+    _check(d.hash_chain != "hmac" or bool(d.hash_chain_key), "database.hash_chain_key",
+           "a key (DLQ_WORKER_DATABASE_HASH_CHAIN_KEY or database.hash_chain_key_file) "
+           "when hash_chain is hmac")
     _check(bool(d.name), "database.name", "a database name")
     _check(bool(d.user), "database.user", "a user name")
     _check(bool(s.prefix), "streams.prefix", "a non-empty key prefix")
@@ -460,6 +473,9 @@ def _resolve_password_files(config: Config) -> Config:
         database = dataclasses.replace(
             database, password=_read_secret("database.password_file", database.password_file)
         )
+    if database.hash_chain_key_file and not database.hash_chain_key:
+        database = dataclasses.replace(database, hash_chain_key=_read_secret(
+            "database.hash_chain_key_file", database.hash_chain_key_file))
     return dataclasses.replace(config, redis=redis, database=database)
 
 

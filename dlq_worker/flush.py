@@ -246,6 +246,7 @@ class Flusher:
                     ack.append(entry)
             if result.partitions_created:
                 self.metrics.partitions_created.inc(len(result.partitions_created))
+            self._count_chain(batch, result)
             failed += [(batch.record_entries[i], err) for i, err in result.errors.items()]
         for entry, err in [f for f in failed if f[1].certain]:
             self.retry(lambda e=entry, x=err: self.park(e, x))  # type: ignore[misc]
@@ -266,6 +267,23 @@ class Flusher:
         self.metrics.batch_size.observe(len(batch.entries))
         self.metrics.flush_seconds.observe(self.clock() - batch.started)
         self.metrics.last_flush.set_to_current_time()
+
+    def _count_chain(self, batch: Batch, result: WriteResult) -> None:
+        late: dict[str, set[str]] = {}
+        for i, linked in result.chained.items():
+            if result.outcomes[i] is not Outcome.WRITTEN:
+                continue
+            entry = batch.record_entries[i]
+            if linked:
+                self.metrics.chain_linked.labels(entry.stream).inc()
+            else:
+                self.metrics.chain_late.labels(entry.stream).inc()
+                late.setdefault(entry.stream, set()).add(
+                    str(batch.records[i].correlation_id))
+        for stream, correlations in late.items():
+            log.warning("events older than the head of their hash chain written unhashed",
+                        extra={"event": "chain_late", "stream": stream,
+                               "correlation_ids": sorted(correlations)[:50]})
 
     def handle_rejected(self, rejected: Sequence[tuple[Entry, PermanentError]]) -> None:
         w = self.config.worker

@@ -69,6 +69,15 @@ class Metrics:
         self.systemic_episodes = Counter(
             f"{p}_systemic_rejections_total",
             "Times a table's rows started being refused systemically.", ["table"], registry=r)
+        self.chain_linked = Counter(
+            f"{p}_chain_linked_total",
+            "audit_events rows written linked into the platform's hash chain.",
+            ["stream"], registry=r)
+        self.chain_late = Counter(
+            f"{p}_chain_late_events_total",
+            "audit_events rows written unhashed because they are older than the head of "
+            "their chain (linking them would break the platform's verification).",
+            ["stream"], registry=r)
         self.transient_errors = Counter(f"{p}_transient_errors_total",
                                         "Failures because a server was unavailable.",
                                         ["server"], registry=r)
@@ -150,3 +159,5 @@ class Metrics:
             self.rejected.labels(stream, reason)
         self.systemic.labels(table)
         self.systemic_episodes.labels(table)
+        self.chain_linked.labels(stream)
+        self.chain_late.labels(stream)

@@ -61,6 +61,10 @@ audit_events = Table(
     Column("error_message", Text),
     Column("retention_days", Integer),
     Column("is_sensitive", Boolean),
+    # The platform's hash chain (written only with the chain on; see chain.py).
+    Column("event_hash", Text),
+    Column("previous_event_hash", Text),
+    Column("hash_algorithm", String(20)),
 )
 
 notification_audit = Table(
@@ -135,6 +139,9 @@ BEGIN
     RAISE EXCEPTION 'audit_events rows are immutable';
 END
 $$ LANGUAGE plpgsql;
+
+CREATE INDEX IF NOT EXISTS audit_events_correlation_idx
+    ON audit_events (correlation_id, event_timestamp DESC);
 
 DROP TRIGGER IF EXISTS audit_events_no_update ON audit_events;
 CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events

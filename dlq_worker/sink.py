@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL
 
-from dlq_worker import pgcopy
+from dlq_worker import chain, pgcopy
 from dlq_worker.classify import classify_database_error
 from dlq_worker.config import DatabaseConfig
 from dlq_worker.conflicts import find_conflicts
@@ -65,6 +65,8 @@ class WriteResult:
     outcomes: list[Outcome]
     errors: dict[int, PermanentError] = field(default_factory=dict)
     partitions_created: list[str] = field(default_factory=list)
+    #: audit_events rows with the hash chain on: True linked, False written unhashed (late).
+    chained: dict[int, bool] = field(default_factory=dict)
 
 
 def database_url(config: DatabaseConfig) -> URL:
@@ -121,6 +123,8 @@ class Sink:
         self.copy = copy
         #: While lacking the TEMP privilege: when to try COPY again (monotonic), else 0.
         self._copy_off_until = 0.0
+        self._chain: chain.Chainer | None = None
+        self._chain_decided = False
 
     def close(self) -> None:
         self.engine.dispose()
@@ -150,6 +154,7 @@ class Sink:
         months = months_around(today, months_back, months_ahead)
         with self._translated(), self.engine.begin() as conn:
             conn.exec_driver_sql(CREATE_TABLES)
+            conn.exec_driver_sql(chain.LOCK_ID_FUNCTION)
             for month in months:
                 conn.exec_driver_sql(partition_ddl(month))
         return [partition_name(m) for m in months]
@@ -239,7 +244,8 @@ class Sink:
         """COPY the rows into a per-connection staging table, then move them with one
         INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING <key> (same outcome as
         _insert, a fraction of the client-side cost)."""
-        columns = list(records[indexes[0]].values)
+        rows = self._rows(conn, table, records, indexes, result)
+        columns = list(rows[0])
         stage = f"dlq_stage_{table}"
         names = ", ".join(columns)
         keys = ", ".join(CONFLICT_KEYS[table])
@@ -253,7 +259,7 @@ class Sink:
             cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS "
                            f"AS SELECT {names} FROM {table} WITH NO DATA")
             cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN",
-                               pgcopy.encode((records[i].values for i in indexes), columns))
+                               pgcopy.encode(rows, columns))
             cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
                            f"ON CONFLICT DO NOTHING RETURNING {keys}")
             returned = cursor.fetchall()
@@ -280,8 +286,8 @@ class Sink:
         target = TABLES[table]
         key_cols = [target.c[name] for name in CONFLICT_KEYS[table]]
         stmt = pg_insert(target).on_conflict_do_nothing().returning(*key_cols)
-        rows = [records[i].values for i in indexes]
         try:
+            rows = self._rows(conn, table, records, indexes, result)
             returned = conn.execute(stmt, rows).all()
         except sa_exc.DBAPIError as exc:
             raise _translate(exc, table) from exc
@@ -292,6 +298,45 @@ class Sink:
             # send. Rows are validated when decoded, so this is one row's problem.
             raise _unencodable(type(exc.orig).__name__) from exc
         _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
+
+    def _rows(self, conn: Connection, table: str, records: Sequence[Record],
+              indexes: Sequence[int], result: WriteResult) -> list[dict[str, Any]]:
+        """The rows to insert: the records' values, and with the hash chain on, each
+        audit_events row linked into its chain (or left unhashed when late)."""
+        chainer = self._chainer(conn) if table == AUDIT_EVENTS else None
+        if chainer is None:
+            return [records[i].values for i in indexes]
+        links, late = chainer.link(conn, records, indexes)
+        rows = []
+        for i in indexes:
+            link = links.get(i)
+            rows.append({**records[i].values,
+                         "event_hash": link.event_hash if link else None,
+                         "previous_event_hash": link.previous_event_hash if link else None,
+                         "hash_algorithm": link.hash_algorithm if link else chain.SHA256})
+            if link is not None:
+                result.chained[i] = True
+        for i in late:
+            result.chained[i] = False
+        return rows
+
+    def _chainer(self, conn: Connection) -> chain.Chainer | None:
+        """The chain mode, decided once: ``auto`` links when the target schema has the
+        platform's hash columns and lock function (HMAC when a key is configured)."""
+        if self._chain_decided:
+            return self._chain
+        mode = self.config.hash_chain
+        key = self.config.hash_chain_key.encode() if self.config.hash_chain_key else None
+        if mode == "auto":
+            supported = chain.schema_supports_chain(conn)
+            mode = ("hmac" if key else "sha256") if supported else "off"
+            log.info("hash chain mode decided from the target schema",
+                     extra={"event": "hash_chain", "mode": mode,
+                            "schema_has_chain": supported})
+        self._chain = None if mode == "off" else chain.Chainer(
+            chain.HMAC if mode == "hmac" else chain.SHA256, key if mode == "hmac" else None)
+        self._chain_decided = True
+        return self._chain
 
     def _insert_isolating(
         self,

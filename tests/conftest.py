@@ -102,11 +102,11 @@ class Bed:
                 "DB_HOST": "127.0.0.1", "DB_PORT": str(self.pg_port), "DB_USER": "postgres",
                 "DB_NAME": self.dbname}
 
-    def config(self, **sections: dict[str, Any]) -> Config:
+    def config(self, env: dict[str, str] | None = None, **sections: dict[str, Any]) -> Config:
         overrides = {name: dict(values) for name, values in FAST.items()}
         for name, values in sections.items():
             overrides.setdefault(name, {}).update(values)
-        return config_mod.load(env=self.env(), overrides=overrides)
+        return config_mod.load(env={**self.env(), **(env or {})}, overrides=overrides)
 
     # -- producing, in the producers' exact wire format --
 

@@ -63,7 +63,7 @@ def test_chart_schema_knows_every_worker_setting() -> None:
     sections = schema["properties"]["config"]["properties"]
     owned = {("redis", "password"), ("database", "password"), ("worker", "shutdown_timeout"),
              ("http", "port"), ("http", "host"), ("redis", "password_file"),
-             ("database", "password_file")}
+             ("database", "password_file"), ("database", "hash_chain_key")}
     for name, cls in config_mod._SECTIONS.items():
         keys = {f.name for f in dataclasses.fields(cls)} - {k for s, k in owned if s == name}
         assert set(sections[name]["properties"]) == keys, name

@@ -1,0 +1,277 @@
+"""Where a row's hash is computed: the platform's tamper-evident chain per correlation_id.
+
+The platform hashes ``json.Marshal`` of its Go ``AuditEvent`` struct with the hash fields,
+``event_date`` and the legal-hold fields zeroed, prefixed by the previous event's hash:
+``event_hash = hex(SHA-256(previous_event_hash || json))``, or HMAC-SHA-256 with its key.
+Its verifier rebuilds that struct **from the row read back from PostgreSQL** and walks
+each chain by ``event_timestamp, event_id``. So the worker hashes what the row will hold
+once stored (jsonb and inet as PostgreSQL prints them, numbers as float64), links an event
+only after the head of its chain in that order, and writes a late event unhashed (the
+verifier excludes unhashed rows; linking it would break the chain for it and the next).
+The pure part is here; the queries (locks, heads, normalisation) are in ``link``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from dlq_worker import gojson
+from dlq_worker.decode import Record, dumps_exact
+
+log = logging.getLogger(__name__)
+
+SHA256 = "sha256-unkeyed"
+HMAC = "hmac-sha256"
+
+#: ``audit_event_lock_id()`` as the platform's migration defines it (pgcrypto's digest);
+#: built-in sha256() gives the same bytes, so ``db init`` needs no extension.
+LOCK_ID_FUNCTION = """
+CREATE OR REPLACE FUNCTION audit_event_lock_id(correlation_id_param TEXT)
+RETURNS BIGINT AS $$
+    SELECT ('x' || encode(substring(sha256(convert_to(correlation_id_param, 'UTF8')), 1, 8),
+            'hex'))::bit(64)::bigint
+$$ LANGUAGE sql IMMUTABLE;
+"""
+
+
+@dataclass(frozen=True)
+class Link:
+    """What a linked row carries."""
+
+    event_hash: str
+    previous_event_hash: str
+    hash_algorithm: str
+
+
+def hashed_json(row: Mapping[str, Any]) -> bytes:
+    """The bytes the platform hashes for a stored row: its Go struct, marshalled, with the
+    hash fields, ``event_date`` and the legal-hold fields zeroed. ``row`` holds the values
+    as the platform's verifier reads them back (see ``stored_view``)."""
+    g = gojson
+    parent_date = row.get("parent_event_date")
+    return g.dumps(g.Struct([
+        g.Field("event_id", row["event_id"]),
+        g.Field("event_timestamp", g.Time(row["event_timestamp"])),
+        g.Field("event_date", None),
+        g.Field("event_type", row["event_type"]),
+        g.Field("version", row["event_version"]),
+        g.Field("event_category", row["event_category"]),
+        g.Field("event_action", row["event_action"]),
+        g.Field("event_outcome", row["event_outcome"]),
+        g.Field("correlation_id", row["correlation_id"]),
+        g.Field("parent_event_id", row.get("parent_event_id")),
+        g.Field("parent_event_date", None if parent_date is None else g.Time(
+            dt.datetime(parent_date.year, parent_date.month, parent_date.day, tzinfo=dt.UTC))),
+        g.Field("resource_type", row.get("resource_type") or "", omitempty=True),
+        g.Field("resource_id", row.get("resource_id") or "", omitempty=True),
+        g.Field("namespace", row.get("namespace") or "", omitempty=True),
+        # the Go field is ClusterID, its JSON key still cluster_name
+        g.Field("cluster_name", row.get("cluster_id") or "", omitempty=True),
+        g.Field("severity", row.get("severity") or "", omitempty=True),
+        g.Field("duration_ms", row.get("duration_ms") or 0, omitempty=True),
+        g.Field("error_code", row.get("error_code") or "", omitempty=True),
+        g.Field("error_message", row.get("error_message") or "", omitempty=True),
+        g.Field("actor_id", row.get("actor_id") or "", omitempty=True),
+        g.Field("actor_type", row.get("actor_type") or "", omitempty=True),
+        g.Field("actor_ip", row.get("actor_ip") or "", omitempty=True),
+        g.Field("retention_days", int(row["retention_days"])),
+        g.Field("is_sensitive", bool(row["is_sensitive"])),
+        g.Field("event_hash", ""),
+        g.Field("previous_event_hash", ""),
+        g.Field("hash_algorithm", "", omitempty=True),
+        g.Field("legal_hold", False),
+        g.Field("legal_hold_reason", ""),
+        g.Field("legal_hold_placed_by", ""),
+        g.Field("legal_hold_placed_at", None),
+        g.Field("event_data", row.get("event_data")),
+    ]))
+
+
+def event_hash(previous: str, payload: bytes, key: bytes | None) -> str:
+    """``hex(SHA-256(previous || payload))``, or HMAC-SHA-256 with ``key``."""
+    message = previous.encode("ascii") + payload
+    if key:
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hashlib.sha256(message).hexdigest()
+
+
+def go_event_data(stored_text: str | None) -> Any:
+    """jsonb text as the Go verifier holds it after ``json.Unmarshal`` into a map."""
+    if stored_text is None:
+        return None
+    return gojson.go_value(json.loads(stored_text, parse_float=Decimal))
+
+
+def stored_view(values: Mapping[str, Any], event_data_text: str | None,
+                actor_ip_text: str | None) -> dict[str, Any]:
+    """A record's values as the row will read back: jsonb and inet as PostgreSQL prints
+    them, the rest as the worker writes them."""
+    view = dict(values)
+    view["event_id"] = str(values["event_id"]).lower()
+    view["parent_event_id"] = (None if values.get("parent_event_id") is None
+                               else str(values["parent_event_id"]).lower())
+    view["event_data"] = go_event_data(event_data_text)
+    view["actor_ip"] = actor_ip_text
+    return view
+
+
+def order_key(row: Mapping[str, Any]) -> tuple[dt.datetime, str]:
+    """The verifier's walk order: event_timestamp, then event_id."""
+    return (row["event_timestamp"], str(row["event_id"]).lower())
+
+
+@dataclass
+class Chainer:
+    """Links audit_events rows into their chains, in the transaction that inserts them."""
+
+    algorithm: str  # SHA256 or HMAC
+    key: bytes | None = None
+
+    def link(self, conn: Connection, records: Sequence[Record],
+             indexes: Sequence[int]) -> tuple[dict[int, Link], list[int]]:
+        """(links for the rows to hash, indexes of late events written unhashed).
+
+        Takes the platform's advisory lock for every correlation_id of these rows, in
+        sorted order (two writers never wait on each other in a cycle), reads all chain
+        heads in one query, and links each chain's new rows in the verifier's order.
+        Rows whose key already exists (redelivery) are left out: they are not written.
+        """
+        rows = {i: records[i].values for i in indexes}
+        correlations = sorted({str(v["correlation_id"]) for v in rows.values()})
+        conn.execute(text(
+            "SELECT pg_advisory_xact_lock(audit_event_lock_id(c)) FROM "
+            "(SELECT c FROM unnest(CAST(:c AS text[])) AS c ORDER BY c) AS s"),
+            {"c": correlations}).all()
+        existing = {(str(i).lower(), d) for i, d in conn.execute(text(
+            "SELECT e.event_id, e.event_date FROM audit_events e JOIN unnest("
+            "CAST(:ids AS uuid[]), CAST(:dates AS date[])) AS k(i, d) "
+            "ON e.event_id = k.i AND e.event_date = k.d"),
+            {"ids": [str(v["event_id"]) for v in rows.values()],
+             "dates": [v["event_date"] for v in rows.values()]}).all()}
+        new = [i for i, v in rows.items()
+               if (str(v["event_id"]).lower(), v["event_date"]) not in existing]
+        heads = {c: (h, ts, str(eid).lower()) for c, h, ts, eid in conn.execute(text(
+            "SELECT DISTINCT ON (correlation_id) correlation_id, event_hash, event_timestamp, "
+            "event_id FROM audit_events WHERE correlation_id = ANY(CAST(:c AS text[])) "
+            "AND event_hash IS NOT NULL "
+            "ORDER BY correlation_id, event_timestamp DESC, event_id DESC"),
+            {"c": correlations}).all()}
+        stored = self._stored(conn, rows, new)
+        links: dict[int, Link] = {}
+        late: list[int] = []
+        for i in sorted(new, key=lambda j: (str(rows[j]["correlation_id"]),
+                                            order_key(stored[j]))):
+            view = stored[i]
+            cid = str(view["correlation_id"])
+            head = heads.get(cid)
+            if head is not None and order_key(view) <= (head[1], head[2]):
+                late.append(i)  # older than the head: linking it would break the chain
+                continue
+            previous = head[0] if head is not None else ""
+            digest = event_hash(previous, hashed_json(view), self.key)
+            links[i] = Link(digest, previous, self.algorithm)
+            heads[cid] = (digest, view["event_timestamp"], view["event_id"])
+        return links, late
+
+    def _stored(self, conn: Connection, rows: Mapping[int, Mapping[str, Any]],
+                indexes: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """PostgreSQL's own text for the values it normalises (jsonb, inet), one query."""
+        if not indexes:
+            return {}
+        docs = ",".join(
+            f'{{"o":{i},"d":{dumps_exact(rows[i]["event_data"])},'
+            f'"ip":{json.dumps(rows[i].get("actor_ip"))}}}'
+            for i in indexes)
+        printed = {int(o): (d, ip) for o, d, ip in conn.execute(text(
+            "SELECT s.o, s.d::text, s.ip::text FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
+            "AS s(o int, d jsonb, ip inet)"), {"rows": f"[{docs}]"}).all()}
+        return {i: stored_view(rows[i], *printed[i]) for i in indexes}
+
+
+def schema_supports_chain(conn: Connection) -> bool:
+    """The target has the hash columns and the platform's lock function."""
+    columns = set(conn.execute(text(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'audit_events' "
+        "AND column_name IN ('event_hash', 'previous_event_hash', 'hash_algorithm')"))
+        .scalars())
+    function = conn.execute(text(
+        "SELECT count(*) FROM pg_proc WHERE proname = 'audit_event_lock_id'")).scalar_one()
+    return len(columns) == 3 and bool(function)
+
+
+# -- verification, as the platform's verify-chain does it --
+
+_ROW_COLUMNS = (
+    "event_id::text AS event_id, event_timestamp, event_type, event_version, event_category, "
+    "event_action, event_outcome, correlation_id, parent_event_id::text AS parent_event_id, "
+    "parent_event_date, resource_type, resource_id, namespace, cluster_id, actor_id, "
+    "actor_type, actor_ip::text AS actor_ip, severity, duration_ms, error_code, error_message, "
+    "retention_days, is_sensitive, event_data::text AS event_data, event_hash, "
+    "previous_event_hash, hash_algorithm")
+
+
+@dataclass
+class ChainReport:
+    correlation_id: str
+    total_events: int = 0
+    verified_events: int = 0
+    skipped_null_hash: int = 0
+    tampered: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.tampered
+
+
+def verify(conn: Connection, correlation_ids: Sequence[str], key: bytes | None,
+           ) -> list[ChainReport]:
+    """Walk each chain as the platform's verifier does: hashed rows by event_timestamp then
+    event_id, a running previous hash, and two checks per row (its previous_event_hash,
+    its recomputed event_hash). Unhashed rows are counted and left out."""
+    reports = []
+    for cid in correlation_ids:
+        report = ChainReport(cid)
+        rows = conn.execute(text(
+            f"SELECT {_ROW_COLUMNS} FROM audit_events WHERE correlation_id = :c "
+            "ORDER BY event_timestamp, event_id"), {"c": cid}).mappings().all()
+        previous = ""
+        for row in rows:
+            if row["event_hash"] is None:
+                report.skipped_null_hash += 1
+                continue
+            report.total_events += 1
+            view = dict(row)
+            view["event_timestamp"] = row["event_timestamp"].astimezone(dt.UTC)
+            view["event_data"] = go_event_data(row["event_data"])
+            algorithm = row["hash_algorithm"] or SHA256
+            if algorithm == HMAC and not key:
+                raise ValueError(f"event {row['event_id']} is {HMAC}: a key is needed")
+            if algorithm not in (SHA256, HMAC):
+                raise ValueError(f"event {row['event_id']}: unknown hash_algorithm")
+            expected = event_hash(previous, hashed_json(view),
+                                  key if algorithm == HMAC else None)
+            if row["previous_event_hash"] != previous:
+                report.tampered.append((row["event_id"], "previous hash mismatch"))
+            if row["event_hash"] != expected:
+                report.tampered.append((row["event_id"], "event hash mismatch: tampered"))
+            else:
+                report.verified_events += 1
+            previous = row["event_hash"]
+        reports.append(report)
+    return reports
+
+
+def correlation_ids_since(conn: Connection, since: dt.datetime) -> list[str]:
+    return list(conn.execute(text(
+        "SELECT DISTINCT correlation_id FROM audit_events WHERE event_timestamp >= :t "
+        "ORDER BY 1"), {"t": since}).scalars())
