@@ -292,10 +292,22 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the 50k drain")
     parser.add_argument("--drain-only", type=int, metavar="N",
                         help="only the drain of an N-entry backlog, three times")
+    parser.add_argument("--chain-compare", type=int, metavar="N",
+                        help="only the drain of an N-entry backlog with the hash chain off and "
+                             "on (sha256), alternating, twice each")
     parser.add_argument("--big-entries", type=int, metavar="N",
                         help="only the peak RSS of an N-entry backlog of ~900 KB entries, with "
                              "the default byte bound and with a count-only bound")
     args = parser.parse_args()
+    if args.chain_compare:
+        with servers() as s:
+            batch = workloads.messages(args.chain_compare)
+            for run in range(4):
+                mode = ("off", "sha256")[run % 2]
+                print(json.dumps({"bench": "drain", "hash_chain": mode, "run": run // 2 + 1,
+                                  **bench_drain(s, batch, database_hash_chain=mode)}),
+                      flush=True)
+        return
     if args.big_entries:
         with servers() as s:
             for settings in ({}, {"worker_batch_max_bytes": str(2**40)}):
@@ -320,6 +332,8 @@ def main() -> None:
         results["ceiling"] = bench_ceiling(s, messages[:n_drain])
         results["naive"] = bench_naive(s, messages[: (500 if quick else 3000)])
         results["drain"] = bench_drain(s, messages[:n_drain], profile=args.profile)
+        results["drain_chain_off"] = bench_drain(s, messages[:n_drain],
+                                                 database_hash_chain="off")
         results["drain_100k_rss"] = bench_drain(s, messages[:n_rss])
         results["latency"] = bench_latency(s, 1000, 10 if quick else 60)
         results["recovery"] = bench_recovery(s, messages[: (2000 if quick else 10000)])

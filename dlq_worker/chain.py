@@ -168,9 +168,11 @@ class Chainer:
             {"c": correlations}).all()}
         stored = self._stored(conn, rows, new)
         links: dict[int, Link] = {}
-        late: list[int] = []
-        for i in sorted(new, key=lambda j: (str(rows[j]["correlation_id"]),
-                                            order_key(stored[j]))):
+        # A row the platform's Go verifier could not even read (event_data with a number
+        # beyond float64) is written unhashed too, like a late one.
+        late: list[int] = [i for i in new if i not in stored]
+        for i in sorted(stored, key=lambda j: (str(rows[j]["correlation_id"]),
+                                               order_key(stored[j]))):
             view = stored[i]
             cid = str(view["correlation_id"])
             head = heads.get(cid)
@@ -195,7 +197,13 @@ class Chainer:
         printed = {int(o): (d, ip) for o, d, ip in conn.execute(text(
             "SELECT s.o, s.d::text, s.ip::text FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
             "AS s(o int, d jsonb, ip inet)"), {"rows": f"[{docs}]"}).all()}
-        return {i: stored_view(rows[i], *printed[i]) for i in indexes}
+        views = {}
+        for i in indexes:
+            try:
+                views[i] = stored_view(rows[i], *printed[i])
+            except ValueError:
+                continue
+        return views
 
 
 def schema_supports_chain(conn: Connection) -> bool:

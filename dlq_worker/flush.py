@@ -9,7 +9,9 @@ rejected). Only ``complete`` acknowledges, and only entries whose rows are commi
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
+import sys
 import time
 import traceback
 from collections.abc import Callable, MutableMapping, Sequence
@@ -99,7 +101,12 @@ class Flusher:
 
     def reset(self) -> None:
         """Forget what is held (the loop restarts in place; Redis still has it pending).
-        A write still running finishes in the background; its result is not used."""
+        A write still running is waited for a little (it holds the chain and partition
+        locks of its rows); its result is not used: those entries are read again."""
+        if self.inflight is not None and self.inflight.future is not None:
+            with contextlib.suppress(Exception):
+                self.inflight.future.result(timeout=float(
+                    self.config.database.statement_timeout))
         self.inflight = None
         self.holding.clear()
 
@@ -116,8 +123,8 @@ class Flusher:
     def flush(self, entries: list[Entry], *, overlap: bool) -> None:
         """Flush entries; with ``overlap`` the write runs in the background and this
         returns at once (after completing the previous background batch)."""
+        self.holding |= {(e.stream, e.id) for e in entries}  # ours from now on
         batch = self.prepare(entries)
-        self.holding |= batch.held
         self.finish()
         if overlap and batch.records:
             batch.future = self._pool.submit(self.write, batch)
@@ -134,7 +141,7 @@ class Flusher:
             return
         assert batch.future is not None
         try:
-            result = batch.future.result(timeout=self.remaining())
+            result = self._wait(batch.future)
         except concurrent.futures.TimeoutError:
             self.inflight = batch  # still ours: left pending in Redis, redelivered later
             raise DatabaseUnavailable("shutdown deadline reached with a write in flight") \
@@ -142,6 +149,18 @@ class Flusher:
         except TransientError:
             result = self.retry(lambda: self.write(batch))
         self.complete(batch, result)
+
+    def _wait(self, future: Future[WriteResult]) -> WriteResult:
+        """The write's result; in short slices, so a stop requested meanwhile still bounds
+        the wait by its deadline."""
+        while True:
+            remaining = self.remaining()
+            if remaining is not None and remaining <= 0:
+                raise concurrent.futures.TimeoutError
+            try:
+                return future.result(timeout=0.5 if remaining is None else min(0.5, remaining))
+            except concurrent.futures.TimeoutError:
+                continue
 
     # -- writing, with every surprise contained to the entry that causes it --
 
@@ -300,7 +319,11 @@ class Flusher:
         for entry, err in rejected:
             key = (entry.stream, entry.id)
             if key not in counts:
-                continue  # no longer pending on the group: another worker has it
+                # No longer pending on us: another worker has it (the park script then does
+                # nothing), or it was deleted while we held it, and what we hold is the only
+                # copy left: parked from memory, with its reason, never dropped.
+                self.park(entry, err, deliveries=0)
+                continue
             deliveries = counts[key]
             self.metrics.rejected.labels(entry.stream, err.reason).inc()
             if deliveries >= w.max_deliveries:
@@ -324,19 +347,24 @@ class Flusher:
             done = self.source.park(entry, reason=err.reason, error_class=type(err).__name__,
                                     error=str(err), deliveries=deliveries,
                                     details=err.details)
-        except RedisCommandError as exc:
-            # Redis refuses the move itself (a dead-letter key of the wrong type...): the
-            # entry stays pending and is tried again slowly; the loop goes on.
+        except (StreamGone, TransientError):
+            if not isinstance(sys.exc_info()[1], StreamGone):
+                raise
+            log.error("cannot park: its stream or group vanished; it is read again when the "
+                      "stream reappears", extra={"event": "park_skipped",
+                                                 **describe_entry(entry)})
+            return
+        except Exception as exc:
+            # Redis refuses the move itself (a dead-letter key of the wrong type...), or
+            # something unforeseen: the entry stays pending and is tried again slowly.
             internal = internal_error("park", exc)
             self._count_internal("park", internal, entry)
             self.retry_due[(entry.stream, entry.id)] = (
                 self.clock() + float(self.config.worker.reject_retry_max))
             return
-        except StreamGone:
-            log.error("cannot park: its stream or group vanished; it is read again when the "
-                      "stream reappears", extra={"event": "park_skipped",
-                                                 **describe_entry(entry)})
-            return
+        if done == 2:
+            log.error("entry deleted from the stream while held: parked from memory",
+                      extra={"event": "parked_from_memory", **describe_entry(entry)})
         if done:
             self.metrics.parked.labels(entry.stream, err.reason).inc()
             log.error(

@@ -51,8 +51,13 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     out[8] = false
     local limit = tonumber(ARGV[2])
     -- every pending entry is one to walk: more than the limit, and the walk is skipped
-    if out[6] and out[5] < limit and
-       (ARGV[3] == '0' or redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3])) then
+    -- pcall: at maxmemory the SET is refused; then skip the walk, keep the figures
+    local mine = ARGV[3] == '0'
+    if not mine then
+      local ok = redis.pcall('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3])
+      mine = type(ok) == 'table' and ok['ok'] ~= nil
+    end
+    if out[6] and out[5] < limit and mine then
       local seen = #redis.call('XRANGE', KEYS[1], '-', get(g, 'last-delivered-id'),
                                'COUNT', limit)
       if seen < limit then out[8] = seen end

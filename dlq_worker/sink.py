@@ -478,7 +478,9 @@ def _classify(orig: Any, table: str | None) -> DatabaseUnavailable | RejectedErr
         getattr(orig, "pgcode", None), _message(orig),
         constraint=getattr(diag, "constraint_name", None),
         column=getattr(diag, "column_name", None),
-        table=getattr(diag, "table_name", None) or table)
+        # The logical table, not the partition PostgreSQL names (audit_events_2026_08):
+        # one cause across a month's end must stay one signature.
+        table=table or getattr(diag, "table_name", None))
 
 
 def partition_window(config: DatabaseConfig, today: dt.date | None = None) -> list[dt.date]:

@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +28,17 @@ log = logging.getLogger(__name__)
 
 #: Moves one entry to its dead-letter stream and out of the DLQ, in one atomic step.
 #: It acts only while the entry is still pending on this consumer, so an entry
-#: another worker claimed (and will decide about itself) is never parked twice.
+#: another worker claimed (and will decide about itself) is never parked twice; an entry
+#: deleted from the stream while we held it is parked from what we hold (returns 2).
 _PARK = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+if #p == 0 or p[1][2] ~= ARGV[3] then
+  -- Not pending on us. Still in the stream: another worker has it. Gone from it
+  -- (trimmed while we held it): what we hold is the only copy left, so park that.
+  if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0 then return 0 end
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+  return 2
+end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -113,9 +120,12 @@ class Entry:
 
     @property
     def first_failed_at(self) -> str:
-        """When it entered the DLQ (its ID's time, set by Redis): its first failure."""
-        ms = int(self.id.split("-", 1)[0])
-        stamp = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+        """When it entered the DLQ (its ID's time, set by Redis): its first failure; empty
+        for an ID no calendar holds (an explicit ID far in the future)."""
+        try:
+            stamp = dt.datetime.fromtimestamp(int(self.id.split("-", 1)[0]) / 1000, dt.UTC)
+        except (ValueError, OverflowError, OSError):
+            return ""
         return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -159,7 +169,10 @@ def translated(what: str, stream: str | None = None) -> Iterator[None]:
         text = _first_line(exc)
         if stream is not None and any(marker in text for marker in _GONE):
             raise StreamGone([stream]) from exc
-        if _transient_reply(text):
+        # redis-py strips the error code of the replies it knows (READONLY, OOM, NOPERM,
+        # TRYAGAIN...) into the exception's class and status_code: look there first.
+        code = str(getattr(exc, "status_code", None) or "")
+        if code in _TRANSIENT_REPLIES or _transient_reply(text):
             raise RedisUnavailable(f"{what}: {type(exc).__name__}: {text}") from exc
         raise RedisCommandError(f"{what}: {text}") from exc
     except redis.RedisError as exc:
@@ -277,16 +290,16 @@ class Source:
         return list(_entries(reply))
 
     def autoclaim(
-        self, stream: str, min_idle_seconds: float, count: int
-    ) -> tuple[list[Entry], list[str]]:
+        self, stream: str, min_idle_seconds: float, count: int,
+        on_lost: Callable[[list[str]], None],
+    ) -> list[Entry]:
         """Claim entries idle on any consumer, following the cursor until ``0-0``.
 
-        Returns (claimed entries, pending IDs whose entry had been deleted). Since Redis 7,
-        XAUTOCLAIM removes such IDs from the PEL itself and reports them in a third reply
-        element: the caller must count them as lost, nothing else will.
+        Since Redis 7, XAUTOCLAIM removes pending IDs whose entry was deleted from the PEL
+        itself and reports them in a third reply element: ``on_lost`` hears of them page
+        by page, since nothing else will ever see them again.
         """
         claimed: list[Entry] = []
-        deleted: list[str] = []
         cursor = "0-0"
         idle_ms = int(min_idle_seconds * 1000)
         with translated(f"XAUTOCLAIM {stream}", stream):
@@ -299,31 +312,33 @@ class Source:
                     if entry_id is not None:
                         claimed.append(Entry(stream, _text(entry_id), fields or {}))
                 if len(reply) > 2 and reply[2]:
-                    deleted += [_text(i) for i in reply[2]]
+                    on_lost([_text(i) for i in reply[2]])
                 if cursor == "0-0" or len(claimed) >= count:
                     break
-        return claimed, deleted
+        return claimed
 
-    def claim_own(self, stream: str, ids: Sequence[str]) -> tuple[list[Entry], list[str]]:
+    def claim_own(self, stream: str, ids: Sequence[str],
+                  on_lost: Callable[[list[str]], None]) -> list[Entry]:
         """Re-deliver entries still pending on *us* (bumps their delivery count): how
         rejected entries retry. One another worker has claimed meanwhile is left to it.
 
-        Returns (entries, IDs lost): pending on us, but deleted from the stream meanwhile
-        (producer trimming takes the oldest first, and a waiting rejected entry is old).
+        ``on_lost`` hears at once of each ID that was pending on us but is deleted from the
+        stream (producer trimming takes the oldest first, and a waiting rejected entry is
+        old): Redis drops it from the pending list as it answers, so a failure later in
+        this call must not make us forget it.
         """
         entries: list[Entry] = []
-        lost: list[str] = []
         with translated(f"XCLAIM {stream}", stream):
             for entry_id in ids:
                 reply: Any = self._claim_own(keys=[stream],
                                              args=[self.group, self.consumer, entry_id])
                 if reply and reply[0] in (b"lost", "lost"):
-                    lost.append(entry_id)
+                    on_lost([entry_id])
                     continue
                 for raw_id, flat in reply or []:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
                     entries.append(Entry(stream, _text(raw_id), fields))
-        return entries, lost
+        return entries
 
     def touch(self, stream: str, ids: Sequence[str]) -> list[str]:
         """Reset the idle time of entries we hold (XCLAIM JUSTID: the count is not bumped),
@@ -363,8 +378,10 @@ class Source:
             pipe.execute()
 
     def park(self, entry: Entry, *, reason: str, error_class: str, error: str,
-             deliveries: int, details: Mapping[str, str] | None = None) -> bool:
-        """Atomically move one entry to its dead-letter stream. False if no longer ours."""
+             deliveries: int, details: Mapping[str, str] | None = None) -> int:
+        """Atomically move one entry to its dead-letter stream: 1 when moved, 2 when it
+        was gone from the stream and was parked from what we hold, 0 when another worker
+        has it."""
         fields: list[Any] = []
         message = entry.fields.get(b"message")
         fields += [b"message", message if message is not None else b""]
@@ -394,7 +411,7 @@ class Source:
                 keys=[entry.stream, self.dead_letter_stream(entry.stream)],
                 args=[self.group, entry.id, self.consumer, *fields],
             )
-        return bool(done)
+        return int(done)
 
     # -- housekeeping --
 

@@ -301,24 +301,31 @@ class Worker:
             self._with_retry(lambda: self._redeliver(due))
 
     def claim_idle(self) -> None:
-        """Take over entries left pending by consumers that stopped (crashed workers)."""
+        """Take over entries left pending by consumers that stopped (crashed workers), as
+        many as the batch in hand has room for, learning their size as they come."""
         for stream in list(self.streams):
-            room = self.policy.room(len(self._in_hand), self._bytes_in_hand,
-                                    self._entry_size)
-            if room == 0:
-                return
-            entries, deleted = self.source.autoclaim(
-                stream, float(self.config.worker.claim_idle), room
-            )
-            held = self._holding()
-            fresh = [e for e in entries if (e.stream, e.id) not in held
-                     and (e.stream, e.id) not in self._retry_due]
-            self.flusher.lost(stream, deleted, "XAUTOCLAIM")
-            if fresh:
-                self.metrics.claimed.labels(stream).inc(len(fresh))
-                log.info("claimed entries from idle consumers",
-                         extra={"event": "claimed", "stream": stream, "entries": len(fresh)})
-                self._take(fresh)
+            while True:
+                room = self.policy.room(len(self._in_hand), self._bytes_in_hand,
+                                        self._entry_size)
+                if room == 0:
+                    return
+                entries = self._sized(self.source.autoclaim(
+                    stream, float(self.config.worker.claim_idle), room,
+                    lambda ids, s=stream: self.flusher.lost(s, ids, "XAUTOCLAIM")))  # type: ignore[misc]
+                held = self._holding()
+                fresh = [e for e in entries if (e.stream, e.id) not in held]
+                for entry in fresh:
+                    # One of ours waiting for its retry: XAUTOCLAIM just delivered it again
+                    # (its count went up), so this is that retry, now.
+                    self._retry_due.pop((entry.stream, entry.id), None)
+                if fresh:
+                    self.metrics.claimed.labels(stream).inc(len(fresh))
+                    log.info("claimed entries from idle consumers",
+                             extra={"event": "claimed", "stream": stream,
+                                    "entries": len(fresh)})
+                    self._take(fresh)
+                if len(entries) < room:
+                    break
 
     def cleanup_consumers(self) -> None:
         for stream in list(self.streams):
@@ -335,10 +342,10 @@ class Worker:
         for stream, entry_id in due:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            entries, lost = self.source.claim_own(stream, ids)
+            entries = self.source.claim_own(
+                stream, ids, lambda lost, s=stream: self.flusher.lost(s, lost, "XCLAIM"))  # type: ignore[misc]
             for entry_id in ids:
                 self._retry_due.pop((stream, entry_id), None)
-            self.flusher.lost(stream, lost, "XCLAIM")
             self._take(entries)
 
     # -- transient failures --
@@ -383,7 +390,16 @@ class Worker:
         for stream, stream_ids in ids.items():
             # Redis down too (then nobody can claim them), or the stream gone: nothing to do.
             with contextlib.suppress(TransientError, StreamGone, RedisCommandError):
-                self.flusher.lost(stream, self.source.touch(stream, stream_ids), "XCLAIM")
+                gone = self.source.touch(stream, stream_ids)
+                # Held ones are in memory: still written (or parked) from there. Only an
+                # entry waiting for its retry, which we do not hold, is lost.
+                self.flusher.lost(stream, [i for i in gone if (stream, i) not in held],
+                                  "XCLAIM")
+                kept = [i for i in gone if (stream, i) in held]
+                if kept:
+                    log.warning("entries in hand were deleted from the stream; written "
+                                "from memory", extra={"event": "trimmed_in_hand",
+                                                      "stream": stream, "ids": kept[:50]})
 
     def _past_deadline(self, state: tenacity.RetryCallState) -> bool:
         """Give up once the shutdown deadline passed, or at once on a stop with nothing

@@ -6,6 +6,7 @@ events, and tampering caught by both the Go verifier and `dlq-worker verify-chai
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -250,3 +251,20 @@ def _verify_chain(bed: Bed, correlation: str) -> subprocess.CompletedProcess[str
     return subprocess.run([sys.executable, "-m", "dlq_worker", "verify-chain", correlation],
                           capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, **bed.env()})
+
+
+def test_a_number_beyond_float64_is_written_unhashed_not_parked(
+        bed: Bed, start_worker: Any, verifier: Path) -> None:
+    # Given an event whose event_data holds 1e400 (jsonb keeps it; Go's float64 cannot)
+    rng = random.Random(6)
+    produce(bed, [event(rng, "rr-huge", 1), event(rng, "rr-huge", 2)])
+    huge = event(rng, "rr-huge", 3)
+    huge["event_data"] = base64.b64encode(b'{"n":1e400}').decode()
+    produce(bed, [huge])
+    worker = start_worker()
+    wait_until(lambda: bed.drained(EVENTS) and bed.count("audit_events") == 3, 30, "drained")
+
+    # Then it is a row (unhashed, counted with the late ones), and the chain verifies
+    assert bed.parked("audit:dead-letter:events") == []
+    assert worker.metric("dlq_worker_chain_late_events_total", stream=EVENTS) == 1
+    assert_all_valid(go_verify(verifier, bed.engine), 2, 1)

@@ -57,16 +57,14 @@ def test_recreated_group_reports_new_trimming_despite_an_older_count(bed: Bed,
     wait_until(lambda: bed.pending(EVENTS) == 1, 20, "one entry in hand")
 
     # When 4 more arrive and exact trimming keeps only the newest, deleting 3 unread
-    # entries and the one in hand
+    # entries (and the one in hand)
     bed.produce_events(4)
     bed.client.xtrim(EVENTS, maxlen=1, approximate=False)
 
-    # Then the 3 are reported although the old group's count was higher, and the entry
-    # lost while in hand is counted when the worker keeps its entries fresh
+    # Then the 3 are reported although the old group's count was higher (the one in hand
+    # is not lost: it is written from memory once PostgreSQL answers)
     wait_until(lambda: worker.metric("dlq_worker_entries_trimmed_unread_total",
                                      stream=EVENTS) == 3, 20, "new trimming counted")
-    wait_until(lambda: worker.metric("dlq_worker_pending_deleted_total", stream=EVENTS) == 1,
-               20, "loss of the held entry counted")
     assert bed.client.hget("dlq-worker:trimmed-unread", EVENTS) == b"3"
 
 
@@ -205,3 +203,34 @@ def test_reused_key_with_other_content_is_parked_never_acked_as_duplicate(
     with bed.engine.connect() as conn:
         assert conn.execute(text("SELECT event_outcome FROM audit_events")).scalar_one() == \
             event["event_outcome"]
+
+
+@pytest.mark.fault
+def test_entries_trimmed_while_in_hand_are_written_from_memory(owned: OwnedBed,
+                                                               start_worker: Any,
+                                                               caplog: Any) -> None:
+    # Given a worker holding a batch during a PostgreSQL outage, one of them a row the
+    # database will refuse
+    valid = {r["event_id"] for r in owned.produce_events(9)}
+    bad = samples.audit_event(owned.rng)
+    bad["actor_id"] = "x" * 300
+    poison = owned.xadd_raw(EVENTS, producer.build_message(producer.AUDIT_EVENT, bad))
+    owned.pg_server.stop()
+    worker = start_worker(owned.config(worker={"batch_size": 10}))
+    wait_until(lambda: owned.pending(EVENTS) == 10, 30, "batch in hand")
+
+    # When producer trimming deletes all of them from the stream while they are held
+    owned.client.xtrim(EVENTS, maxlen=0, approximate=False)
+    wait_until(lambda: any(getattr(r, "event", "") == "trimmed_in_hand"
+                           for r in caplog.records), 30, "noticed while keeping them fresh")
+    owned.pg_server.start()
+
+    # Then nothing is lost or counted lost: the valid ones are rows, written from memory,
+    # and the refused one is parked from memory with its reason
+    wait_until(lambda: len(owned.parked()) == 1, 30, "refused row parked")
+    assert set(owned.event_ids()) == valid
+    (parked,) = owned.parked()
+    assert parked[b"original_id"].decode() == poison
+    assert parked[b"reason"] == b"value_too_long"
+    assert worker.metric("dlq_worker_pending_deleted_total", stream=EVENTS) == 0
+    assert owned.pending(EVENTS) == 0 and owned.depth(EVENTS) == 0

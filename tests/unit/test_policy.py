@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dlq_worker.classify import classify_database_error
@@ -54,10 +56,24 @@ def test_mixed_causes_or_redeliveries_of_the_same_entries_are_not_systemic() -> 
     for _ in range(5):  # the same three entries retried over and over
         detector.observe("t", 0, [(("s", f"{i}-0"), "22001 t x") for i in range(3)])
     assert detector.systemic() == {}
+    # one burst of ten bad rows, then the same ten redelivered: one batch of evidence
+    burst = [(("s", f"{i}-1"), "23514 t check") for i in range(10)]
+    detector.observe("t", 0, burst)
+    detector.observe("t", 0, burst)
+    assert detector.systemic() == {}
     detector.observe("t", 0, [(("s", f"{i}-0"), "22001 t x") for i in range(10, 30)]
                      + [(("s", "31-0"), "23514 t check")])
     detector.observe("t", 0, [(("s", f"{i}-0"), "22001 t x") for i in range(40, 60)]
                      + [(("s", "61-0"), "23514 t check")])
+    assert detector.systemic() == {}
+
+
+def test_a_streak_expires() -> None:
+    now = [0.0]
+    detector = SystemicDetector(threshold=4, expire_after=600, clock=lambda: now[0])
+    detector.observe("t", 0, [(("s", "1-0"), "c"), (("s", "2-0"), "c")])
+    now[0] = 7 * 86400.0  # a week later, the same cause again
+    detector.observe("t", 0, [(("s", "3-0"), "c"), (("s", "4-0"), "c")])
     assert detector.systemic() == {}
 
 
@@ -71,6 +87,30 @@ def test_redis_error_replies_are_told_apart() -> None:
     assert not _transient_reply("WRONGTYPE Operation against a key holding the wrong kind "
                                 "of value script: 6f1e, on @user_script:7.")
     assert not _transient_reply("ERR Error running script: too many results to unpack")
+
+
+@pytest.mark.parametrize(("reply", "transient"), [
+    ("READONLY You can't write against a read only replica.", True),
+    ("OOM command not allowed when used memory > 'maxmemory'.", True),
+    ("NOPERM this user has no permissions to run the 'xack' command", True),
+    ("TRYAGAIN Multiple keys request during rehashing of slot", True),
+    ("MASTERDOWN Link with MASTER is down", True),
+    ("BUSY Redis is busy running a script.", True),
+    ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ("ERR Error running script (call to f_1): @user_script:3: too many results to unpack",
+     False),
+])
+def test_redis_errors_as_redis_py_raises_them(reply: str, transient: bool) -> None:
+    # Given the exception redis-py builds from the reply (it strips known error codes)
+    from redis._parsers.base import BaseParser
+
+    from dlq_worker.errors import RedisCommandError, RedisUnavailable
+    from dlq_worker.source import translated
+
+    error = BaseParser.parse_error(reply)
+    expected = RedisUnavailable if transient else RedisCommandError
+    with pytest.raises(expected), translated("XACK", "audit:dlq:events"):
+        raise error
 
 
 def test_read_blocks_only_for_what_linger_has_left() -> None:
@@ -120,3 +160,21 @@ def test_values_from_the_row_are_redacted_from_database_messages() -> None:
     assert "secret" not in str(err) and "type inet" in str(err)
     kept = classify_database_error("23502", 'null value in column "event_type" of relation')
     assert '"event_type"' in str(kept)
+
+
+def test_a_rejection_is_signed_with_the_logical_table_not_its_partition() -> None:
+    # Given PostgreSQL's report naming the monthly partition
+    from types import SimpleNamespace
+
+    from dlq_worker.sink import _classify
+
+    def refusal(partition: str) -> Any:
+        return SimpleNamespace(pgcode="23502", diag=SimpleNamespace(
+            constraint_name=None, column_name="tenant", table_name=partition),
+            __str__=lambda self: "null value")
+
+    august, september = (_classify(refusal(p), "audit_events")
+                         for p in ("audit_events_2026_08", "audit_events_2026_09"))
+    # Then rows on both sides of a month's end share one signature
+    assert isinstance(august, RejectedError) and isinstance(september, RejectedError)
+    assert august.signature == september.signature == "23502 audit_events tenant"
