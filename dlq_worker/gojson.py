@@ -105,9 +105,12 @@ def go_value(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int | float | Decimal):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
         if math.isinf(number):
-            raise ValueError("a number beyond float64")
+            raise ValueError("a number beyond float64")  # Go's Unmarshal refuses it too
         return number
     if isinstance(value, Mapping):
         return {str(k): go_value(v) for k, v in value.items()}
