@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from dlq_worker import gojson
-from dlq_worker.decode import Record, dumps_exact
+from dlq_worker.decode import Record
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +112,15 @@ def go_event_data(stored_text: str | None) -> Any:
     return gojson.go_value(json.loads(stored_text, parse_float=Decimal))
 
 
-def stored_view(values: Mapping[str, Any], event_data_text: str | None,
+def stored_view(values: Mapping[str, Any], event_data: Any,
                 actor_ip_text: str | None) -> dict[str, Any]:
-    """A record's values as the row will read back: jsonb and inet as PostgreSQL prints
-    them, the rest as the worker writes them."""
+    """A record's values as the row will read back: event_data as Go holds it (float64
+    numbers), inet as PostgreSQL prints it, the rest as the worker writes them."""
     view = dict(values)
     view["event_id"] = str(values["event_id"]).lower()
     view["parent_event_id"] = (None if values.get("parent_event_id") is None
                                else str(values["parent_event_id"]).lower())
-    view["event_data"] = go_event_data(event_data_text)
+    view["event_data"] = None if event_data is None else gojson.go_value(event_data)
     view["actor_ip"] = actor_ip_text
     return view
 
@@ -152,20 +152,25 @@ class Chainer:
             "SELECT pg_advisory_xact_lock(audit_event_lock_id(c)) FROM "
             "(SELECT c FROM unnest(CAST(:c AS text[])) AS c ORDER BY c) AS s"),
             {"c": correlations}).all()
-        existing = {(str(i).lower(), d) for i, d in conn.execute(text(
-            "SELECT e.event_id, e.event_date FROM audit_events e JOIN unnest("
-            "CAST(:ids AS uuid[]), CAST(:dates AS date[])) AS k(i, d) "
-            "ON e.event_id = k.i AND e.event_date = k.d"),
-            {"ids": [str(v["event_id"]) for v in rows.values()],
-             "dates": [v["event_date"] for v in rows.values()]}).all()}
+        # One round trip: the chain heads, and which of these keys exist already.
+        existing: set[tuple[str, Any]] = set()
+        heads: dict[str, tuple[str, dt.datetime, str]] = {}
+        for kind, c, h, ts, eid, day in conn.execute(text(
+            "SELECT 'head', correlation_id, event_hash, event_timestamp, event_id::text, NULL "
+            "FROM (SELECT DISTINCT ON (correlation_id) * FROM audit_events "
+            "WHERE correlation_id = ANY(CAST(:c AS text[])) AND event_hash IS NOT NULL "
+            "ORDER BY correlation_id, event_timestamp DESC, event_id DESC) AS h "
+            "UNION ALL SELECT 'key', NULL, NULL, NULL, e.event_id::text, e.event_date "
+            "FROM audit_events e JOIN unnest(CAST(:ids AS uuid[]), CAST(:dates AS date[])) "
+            "AS k(i, d) ON e.event_id = k.i AND e.event_date = k.d"),
+            {"c": correlations, "ids": [str(v["event_id"]) for v in rows.values()],
+             "dates": [v["event_date"] for v in rows.values()]}).all():
+            if kind == "head":
+                heads[c] = (h, ts, eid.lower())
+            else:
+                existing.add((eid.lower(), day))
         new = [i for i, v in rows.items()
                if (str(v["event_id"]).lower(), v["event_date"]) not in existing]
-        heads = {c: (h, ts, str(eid).lower()) for c, h, ts, eid in conn.execute(text(
-            "SELECT DISTINCT ON (correlation_id) correlation_id, event_hash, event_timestamp, "
-            "event_id FROM audit_events WHERE correlation_id = ANY(CAST(:c AS text[])) "
-            "AND event_hash IS NOT NULL "
-            "ORDER BY correlation_id, event_timestamp DESC, event_id DESC"),
-            {"c": correlations}).all()}
         stored = self._stored(conn, rows, new)
         links: dict[int, Link] = {}
         # A row the platform's Go verifier could not even read (event_data with a number
@@ -187,22 +192,23 @@ class Chainer:
 
     def _stored(self, conn: Connection, rows: Mapping[int, Mapping[str, Any]],
                 indexes: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """PostgreSQL's own text for the values it normalises (jsonb, inet), one query."""
-        if not indexes:
-            return {}
-        docs = ",".join(
-            f'{{"o":{i},"d":{dumps_exact(rows[i]["event_data"])},'
-            f'"ip":{json.dumps(rows[i].get("actor_ip"))}}}'
-            for i in indexes)
-        printed = {int(o): (d, ip) for o, d, ip in conn.execute(text(
-            "SELECT s.o, s.d::text, s.ip::text FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
-            "AS s(o int, d jsonb, ip inet)"), {"rows": f"[{docs}]"}).all()}
+        """The rows as they will read back. inet is printed by PostgreSQL itself (one query,
+        for the rows that have one: 10.0.0.1/32 reads back as 10.0.0.1). event_data needs
+        no round trip: jsonb keeps every digit and the last of duplicate keys, as the
+        decoder does, so its float64 view is the same from either side."""
+        addresses = {i: rows[i]["actor_ip"] for i in indexes if rows[i].get("actor_ip")}
+        printed: dict[int, str] = {}
+        if addresses:
+            printed = {int(o): str(ip) for o, ip in conn.execute(text(
+                "SELECT o, CAST(ip AS inet)::text FROM unnest(CAST(:o AS int[]), "
+                "CAST(:ip AS text[])) AS a(o, ip)"),
+                {"o": list(addresses), "ip": list(addresses.values())}).all()}
         views = {}
         for i in indexes:
             try:
-                views[i] = stored_view(rows[i], *printed[i])
+                views[i] = stored_view(rows[i], rows[i]["event_data"], printed.get(i))
             except ValueError:
-                continue
+                continue  # a number beyond float64: the verifier could not read it either
         return views
 
 

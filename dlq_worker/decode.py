@@ -34,11 +34,10 @@ _RFC3339 = re.compile(
 )
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 _NUL_ESCAPE = re.compile(rb"\\u0000")
-#: A run of 16 or more digits, or an exponent of three digits: a number a double may not
-#: hold exactly (or at all). Rare in audit data, and only a hint: the exact parser decides.
-_LONG_NUMBER = re.compile(rb"\d{16,}|(?<=[0-9.])[eE][-+]?\d{3}")
+
 #: orjson parses an integer beyond 64 bits as a float; any float this large may be one.
 _BIG = float(2**63)
+_SMALLEST_NORMAL = 2.2250738585072014e-308
 
 
 #: PostgreSQL's numeric (what jsonb stores numbers as) holds up to 131072 digits before
@@ -58,8 +57,6 @@ def _loads(raw: bytes | str) -> Any:
     stores numbers of any size. That slower path parses exactly (``Decimal``), and its
     result is checked for what PostgreSQL refuses everywhere (NUL, lone surrogates,
     numbers beyond numeric)."""
-    if _LONG_NUMBER.search(raw if isinstance(raw, bytes) else raw.encode()):
-        return _loads_exact(raw)  # more digits or a larger exponent than a double keeps
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -78,9 +75,16 @@ def _loads_exact(raw: bytes | str) -> Any:
 
 
 def _maybe_rounded(value: Any) -> bool:
+    """A float orjson may have rounded: an integer beyond 64 bits, a value with as many
+    significant digits as a double holds (the text may have had more), or zero and
+    subnormals (the text may have been 1e-400). Floats are rare in audit data."""
     kind = type(value)
     if kind is float:
-        return bool(abs(value) >= _BIG)
+        magnitude = abs(value)
+        if magnitude >= _BIG or magnitude < _SMALLEST_NORMAL:
+            return True
+        mantissa = repr(magnitude).split("e")[0].replace(".", "").strip("0")
+        return len(mantissa) >= 16
     if kind is dict:
         return any(_maybe_rounded(v) for v in value.values())
     if kind is list:

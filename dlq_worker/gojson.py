@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b",
-            "\f": "\\f"}
+#: What Go escapes, code point -> escape; everything else is written as it is (UTF-8).
+_ESCAPES: dict[int, str] = {c: f"\\u00{c:02x}" for c in range(0x20)}
+_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
+                 ord("\t"): "\\t", ord("\b"): "\\b", ord("\f"): "\\f",
+                 ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                 0x2028: "\\u2028", 0x2029: "\\u2029"})
+_UNSAFE = re.compile("[\x00-\x1f\"\\\\<>&\u2028\u2029]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,23 +64,9 @@ def dumps(value: Any) -> bytes:
 
 def string(text: str) -> str:
     """A Go JSON string literal (HTML-escaped, as ``json.Marshal`` does)."""
-    out = ['"']
-    for ch in text:
-        code = ord(ch)
-        if code < 0x80:
-            escaped = _ESCAPES.get(ch)
-            if escaped is not None:
-                out.append(escaped)
-            elif code < 0x20 or ch in "<>&":
-                out.append(f"\\u00{code:02x}")
-            else:
-                out.append(ch)
-        elif code in (0x2028, 0x2029):
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
+    if _UNSAFE.search(text) is None:  # most strings: one C-level scan, nothing to escape
+        return '"' + text + '"'
+    return '"' + text.translate(_ESCAPES) + '"'
 
 
 def float64(value: float) -> str:
