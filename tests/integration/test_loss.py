@@ -68,62 +68,65 @@ def test_recreated_group_reports_new_trimming_despite_an_older_count(bed: Bed,
     assert bed.client.hget("dlq-worker:trimmed-unread", EVENTS) == b"3"
 
 
-def _freeze(server: Any) -> tuple[Any, Any]:
-    """SIGSTOP/SIGCONT a server this test owns (a process, or a container)."""
-    if hasattr(server, "container"):
-        return server.container.pause, server.container.unpause
-    pid = server.proc.pid
-    return (lambda: os.kill(pid, signal.SIGSTOP)), (lambda: os.kill(pid, signal.SIGCONT))
-
-
 @pytest.mark.fault
 def test_crash_between_commit_and_ack_is_acked_as_duplicate_never_parked(
-        owned: OwnedBed, spawn_worker: Any) -> None:
-    # Given a worker whose insert is slowed inside PostgreSQL (a statement trigger that
-    # sleeps), so the batch is read and being written, not yet acknowledged
-    with owned.engine.begin() as conn:
+        bed: Bed, spawn_worker: Any, tmp_path: Path) -> None:
+    # Given a Redis of this test's own (a process it may freeze and kill), a backlog, and
+    # a worker whose inserts are slowed inside PostgreSQL (a statement trigger that sleeps)
+    server = RedisProcess(tmp_path / "redis", appendonly=True).start()  # appendfsync always
+    client = redis.Redis(port=server.port, db=1)
+    records = [samples.audit_event(bed.rng) for _ in range(50)]
+    for record in records:
+        client.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)})
+    with bed.engine.begin() as conn:
         conn.exec_driver_sql(
             "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(2); "
             "RETURN NULL; END $$ LANGUAGE plpgsql")
         conn.exec_driver_sql("CREATE TRIGGER slow AFTER INSERT ON audit_events "
                              "FOR EACH STATEMENT EXECUTE FUNCTION slow()")
-    records = owned.produce_events(50)
-    freeze, thaw = _freeze(owned.redis_server)
-    env = {**owned.env(), **fast_env(), "DLQ_WORKER_HTTP_ENABLED": "false"}
-    first = spawn_worker(env)
-
-    def inserting() -> bool:
-        with owned.engine.connect() as conn:
-            return bool(conn.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'INSERT INTO audit%' "
-                "AND wait_event = 'PgSleep'")).scalar_one())
-
-    wait_until(inserting, 30, "insert in progress")
-    # When Redis is frozen during the write, the COMMIT lands and the XACK cannot, and the
-    # worker is SIGKILLed right then
-    freeze()
+    env = {**bed.env(), **fast_env(), "REDIS_ADDR": f"127.0.0.1:{server.port}",
+           "DLQ_WORKER_HTTP_ENABLED": "false"}
     try:
-        wait_until(lambda: owned.count("audit_events") == 50, 30, "committed")
+        first = spawn_worker(env)
+
+        def inserting() -> bool:
+            with bed.engine.connect() as conn:
+                return bool(conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'INSERT INTO audit%' "
+                    "AND wait_event = 'PgSleep'")).scalar_one())
+
+        wait_until(inserting, 30, "insert in progress")
+        # When Redis is frozen during that insert, its COMMIT lands and its XACK cannot;
+        # then the worker is SIGKILLed, and so is the frozen Redis, with the XACK still
+        # unread in its socket (a thawed Redis would run it for the dead worker)
+        os.kill(server.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        committed = wait_until(lambda: bed.count("audit_events"), 30, "committed")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
-    finally:
-        thaw()
-    assert owned.pending(EVENTS) == 50, "the batch must be committed and still pending"
-    with owned.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER slow ON audit_events")
+        server.kill()
+        server.start()  # from its AOF: the entries, and the pending list, as they were
+        assert bed.count("audit_events") == committed
+        assert int(client.xpending(EVENTS, "dlq-worker")["pending"]) >= committed, \
+            "the committed entries must still be pending"
+        with bed.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER slow ON audit_events")
 
-    # Then another worker claims the entries once idle and acknowledges them as duplicates:
-    # one row each, nothing parked
-    port = free_port()
-    spawn_worker({**env, "DLQ_WORKER_HTTP_ENABLED": "true", "DLQ_WORKER_HTTP_PORT": str(port),
-                  "DLQ_WORKER_HTTP_HOST": "127.0.0.1"})
-    wait_until(lambda: owned.drained(EVENTS), 60, "drained")
-    assert sorted(owned.event_ids()) == sorted(r["event_id"] for r in records)
-    assert owned.parked(DEAD) == []
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        metrics = resp.read().decode()
-    assert f'dlq_worker_entries_duplicate_total{{stream="{EVENTS}"}} 50.0' in metrics
+        # Then another worker claims them once idle and acknowledges the committed ones as
+        # duplicates: one row each, nothing parked
+        port = free_port()
+        spawn_worker({**env, "DLQ_WORKER_HTTP_ENABLED": "true",
+                      "DLQ_WORKER_HTTP_PORT": str(port), "DLQ_WORKER_HTTP_HOST": "127.0.0.1"})
+        wait_until(lambda: client.xlen(EVENTS) == 0 and
+                   int(client.xpending(EVENTS, "dlq-worker")["pending"]) == 0, 60, "drained")
+        assert sorted(bed.event_ids()) == sorted(r["event_id"] for r in records)
+        assert client.xlen("audit:dead-letter:events") == 0
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert f'dlq_worker_entries_duplicate_total{{stream="{EVENTS}"}} {committed}.0' in metrics
+    finally:
+        client.close()
+        server.kill()
 
 
 def _redis_binaries() -> list[str]:
