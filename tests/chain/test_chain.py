@@ -268,3 +268,21 @@ def test_a_number_beyond_float64_is_written_unhashed_not_parked(
     assert bed.parked("audit:dead-letter:events") == []
     assert worker.metric("dlq_worker_chain_late_events_total", stream=EVENTS) == 1
     assert_all_valid(go_verify(verifier, bed.engine), 2, 1)
+
+
+def test_hostile_and_full_records_chain_and_verify_in_go(bed: Bed, start_worker: Any,
+                                                         verifier: Path) -> None:
+    # Given the hostile suite's backlog (odd text, unicode, metacharacters, deep nesting,
+    # numbers a double cannot hold, reused keys...) and records with every optional field
+    from tests.integration.test_hostile import collision_cases, hostile_cases
+
+    for case in hostile_cases() + collision_cases(bed):
+        bed.client.xadd(case.stream, case.fields)  # type: ignore[arg-type]
+    bed.produce_events(100, full=True)
+    start_worker()
+    wait_until(lambda: bed.drained(EVENTS, "audit:dlq:notifications"), 120, "drained")
+
+    # Then every chain they formed verifies in Go
+    reports = go_verify(verifier, bed.engine)
+    assert all(r["is_valid"] for r in reports), [r for r in reports if not r["is_valid"]][:1]
+    assert sum(r["verified_events"] for r in reports) >= 100
