@@ -5,7 +5,8 @@
 #   localhost/dlq-python:3.11                         - a base for the project's Dockerfile
 # from Debian packages with debootstrap. Idempotent: re-running skips finished steps.
 # FORCE=1 rebuilds the images; MIRROR=... overrides the Debian mirror. Needs root, Debian 12.
-# Prints `export DOCKER_HOST=...` on its last line.
+# Prints `export DOCKER_HOST=...` on its last line, and nothing else on stdout (it is eval'ed):
+# every other output goes to stderr.
 set -euo pipefail
 
 WORK="${WORK:-/var/tmp/dlq-images}"
@@ -22,8 +23,8 @@ if [ "$(dpkg-query -W -f='${Status}\n' podman runc debootstrap 2>/dev/null | gre
     log "podman, runc, debootstrap already installed"
 else
     log "installing podman runc debootstrap"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc debootstrap
+    apt-get update >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc debootstrap >&2
 fi
 
 CONF_WANT='[containers]
@@ -74,7 +75,7 @@ bootstrap() {  # bootstrap ROOTFS PACKAGES
     rm -rf "$rootfs"
     log "debootstrap $SUITE ($pkgs) from $MIRROR -> $rootfs"
     debootstrap --variant=minbase --cache-dir="$CACHE" --include="$pkgs" \
-        "$SUITE" "$rootfs" "$MIRROR" > "$rootfs.log" 2>&1 || { tail -30 "$rootfs.log"; exit 1; }
+        "$SUITE" "$rootfs" "$MIRROR" > "$rootfs.log" 2>&1 || { tail -30 "$rootfs.log" >&2; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
            "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/*
 }
@@ -134,7 +135,7 @@ else
         --change 'WORKDIR /data' \
         --change 'EXPOSE 6379' \
         --change 'CMD ["redis-server","--bind","0.0.0.0","--protected-mode","no","--port","6379"]' \
-        - "$REDIS_IMG"
+        - "$REDIS_IMG" >&2
     rm -rf "$R"
     log "$REDIS_IMG built in $((SECONDS - t0)) s"
 fi
@@ -159,7 +160,7 @@ else
         --change 'EXPOSE 5432' \
         --change 'STOPSIGNAL SIGINT' \
         --change 'ENTRYPOINT ["/usr/local/bin/pg-entrypoint.sh"]' \
-        - "$PG_IMG"
+        - "$PG_IMG" >&2
     rm -rf "$P"
     log "$PG_IMG built in $((SECONDS - t0)) s"
 fi
@@ -174,7 +175,7 @@ else
         --change "$ENV_PATH" \
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["python3"]' \
-        - "$PY_IMG"
+        - "$PY_IMG" >&2
     rm -rf "$Y"
     log "$PY_IMG built in $((SECONDS - t0)) s"
 fi
