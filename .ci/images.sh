@@ -44,7 +44,11 @@ else
     log "starting podman system service on $SOCK"
     mkdir -p "$(dirname "$SOCK")"
     rm -f "$SOCK"
-    setsid nohup podman system service --time=0 "unix://$SOCK" >/tmp/podman-service.log 2>&1 < /dev/null &
+    # From /, not from this clone: containers inherit the service's working directory, and
+    # a clone deleted later would break every container start ("Failed to get working
+    # directory").
+    (cd / && exec setsid nohup podman system service --time=0 "unix://$SOCK" \
+        >/tmp/podman-service.log 2>&1 < /dev/null) &
     echo $! > /tmp/podman-service.pid
     for _ in $(seq 50); do
         curl -sf --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1 && break
