@@ -72,6 +72,17 @@ class App:
     def stop(self) -> None:
         self.worker.request_stop()
 
+    def _exit_at_deadline(self) -> None:
+        try:
+            left = len(self.worker.held())
+        except RuntimeError:  # changed size meanwhile (another thread): a count will do
+            left = -1
+        log.warning("shutdown timeout reached with entries in hand: left pending for "
+                    "redelivery", extra={"event": "shutdown_incomplete", "entries": left})
+        log.info("worker stopped", extra={"event": "stopped", "left_pending": left})
+        logging.shutdown()
+        os._exit(EXIT_OK)
+
     def install_signal_handlers(self) -> None:
         """First SIGTERM/SIGINT: graceful stop. A second one: exit at once (nothing is
         acked that was not committed, so the entries in hand are simply redelivered)."""
@@ -81,9 +92,23 @@ class App:
                 log.warning("second signal: exiting now",
                             extra={"event": "forced_exit", "signal": signum})
                 os._exit(EXIT_FORCED)
+            held = len(self.worker.held())
+            if self.worker.failing and not held:
+                # A server is down and nothing is in hand: nothing to finish, so no reason to
+                # sit out a connect timeout in the call under way.
+                log.info("signal received while a server is down, nothing in hand: exiting",
+                         extra={"event": "stopped", "signal": signum, "left_pending": 0})
+                logging.shutdown()
+                os._exit(EXIT_OK)
             log.info("signal received: finishing the batch in hand",
                      extra={"event": "stopping", "signal": signum})
             self.stop()
+            # Whatever call is under way (a connect to a vanished server can last its
+            # timeout), the exit comes by the deadline: what is held stays pending in Redis.
+            timer = threading.Timer(float(self.config.worker.shutdown_timeout) + 0.5,
+                                    self._exit_at_deadline)
+            timer.daemon = True
+            timer.start()
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handle)

@@ -196,6 +196,15 @@ class Worker:
         """Entries read and not yet acknowledged: in hand, or being written."""
         return set(self._in_hand) | self.flusher.holding
 
+    def held(self) -> set[tuple[str, str]]:
+        """What a stop would leave pending (read from another thread: a copy)."""
+        return set(self._in_hand) | set(self.flusher.holding)
+
+    @property
+    def failing(self) -> bool:
+        """A server is down and the loop is backing off."""
+        return bool(self._failing)
+
     def _drain_on_stop(self) -> None:
         error = ""
         try:

@@ -100,7 +100,9 @@ class ContainerServer:
         self.container.stop(timeout=10)
 
     def kill(self) -> None:
-        self.container.kill()
+        self.container.reload()
+        if self.container.status == "running":  # podman refuses to kill a stopped one
+            self.container.kill()
 
     def remove(self) -> None:
         with contextlib.suppress(Exception):
