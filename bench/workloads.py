@@ -20,7 +20,6 @@ from dlq_worker.producer import Producer
 from dlq_worker.schema import audit_events
 
 EVENTS = "audit:dlq:events"
-COLUMNS = [c.name for c in audit_events.columns]
 
 
 def messages(n: int, seed: int = 42) -> list[bytes]:
@@ -56,12 +55,13 @@ def ceiling(engine: Engine, batch: list[bytes]) -> dict[str, Any]:
     """Decode in Python, COPY straight into the identical table: no Redis, no idempotency."""
     started = time.perf_counter()
     rows = [decode_entry(AUDIT_EVENTS, {b"message": m}).values for m in batch]
+    columns = list(rows[0])  # the columns the worker writes (not the hash chain's)
     raw = engine.raw_connection()
     try:
         with raw.cursor() as cur:
             for i in range(0, len(rows), 500):
-                cur.copy_expert(f"COPY audit_events ({', '.join(COLUMNS)}) FROM STDIN",
-                                pgcopy.encode(rows[i:i + 500], COLUMNS))
+                cur.copy_expert(f"COPY audit_events ({', '.join(columns)}) FROM STDIN",
+                                pgcopy.encode(rows[i:i + 500], columns))
         raw.commit()
     finally:
         raw.close()
