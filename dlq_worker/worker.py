@@ -192,12 +192,9 @@ class Worker:
         elif not overlap:
             self.flusher.finish()
 
-    def _holding(self) -> set[tuple[str, str]]:
-        """Entries read and not yet acknowledged: in hand, or being written."""
-        return set(self._in_hand) | self.flusher.holding
-
     def held(self) -> set[tuple[str, str]]:
-        """What a stop would leave pending (read from another thread: a copy)."""
+        """Entries read and not yet acknowledged (in hand, or being written): what a stop
+        would leave pending. A copy, so the signal handler and the exit timer may read it."""
         return set(self._in_hand) | set(self.flusher.holding)
 
     @property
@@ -218,7 +215,7 @@ class Worker:
             error = str(exc)
         # The deadline may also have passed inside the loop's last flush: whatever was
         # taken and not acknowledged is still pending in Redis, redelivered later.
-        left = self._holding()
+        left = self.held()
         if left:
             log.warning(
                 "shutdown timeout reached with entries in hand: left pending for redelivery",
@@ -321,7 +318,7 @@ class Worker:
                 entries = self._sized(self.source.autoclaim(
                     stream, float(self.config.worker.claim_idle), room,
                     lambda ids, s=stream: self.flusher.lost(s, ids, "XAUTOCLAIM")))  # type: ignore[misc]
-                held = self._holding()
+                held = self.held()
                 fresh = [e for e in entries if (e.stream, e.id) not in held]
                 for entry in fresh:
                     # One of ours waiting for its retry: XAUTOCLAIM just delivered it again
@@ -389,7 +386,7 @@ class Worker:
     def _keep_in_hand(self) -> None:
         """During a database outage, keep other workers from claiming what we hold."""
         now = self.clock()
-        held = self._holding()
+        held = self.held()
         if not held or now - self._touched_at < float(self.config.worker.claim_idle) / 3:
             return
         self._touched_at = now
@@ -415,7 +412,7 @@ class Worker:
         in hand: there is nothing to finish, so nothing to wait for."""
         if self._deadline is None:
             return False
-        return self.clock() >= self._deadline or not self._holding()
+        return self.clock() >= self._deadline or not self.held()
 
     def _sleep(self, seconds: float) -> None:
         if self._deadline is None:
