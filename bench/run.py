@@ -167,31 +167,41 @@ def bench_ceiling(s: Servers, messages: list[bytes]) -> dict[str, Any]:
     return workloads.ceiling(s.engine(), messages)
 
 
+def bench_plain_ceiling(s: Servers, messages: list[bytes]) -> dict[str, Any]:
+    reset(s)
+    return workloads.plain_ceiling(s.engine(), messages)
+
+
 def bench_naive(s: Servers, messages: list[bytes]) -> dict[str, Any]:
     reset(s)
     return workloads.naive(s.redis_client(), s.engine(), messages)
 
 
-def bench_drain(s: Servers, messages: list[bytes], profile: bool = False,
+def bench_drain(s: Servers, messages: list[bytes], profile: bool = False, workers: int = 1,
                 **settings: str) -> dict[str, Any]:
+    """A backlog written while ``workers`` processes (one consumer group) wait, ready."""
     reset(s)
-    worker = WorkerProcess(s.env, **settings)
+    procs = [WorkerProcess(s.env, **settings) for _ in range(workers)]
     spy = None
     try:
-        worker.wait_ready()
+        for worker in procs:
+            worker.wait_ready()
         if profile and shutil.which("py-spy"):
-            spy = workloads.start_profile(worker.proc.pid)
+            spy = workloads.start_profile(procs[0].proc.pid)
         started = time.perf_counter()
         workloads.write_backlog(s.redis_client(), messages)
         done = wait_drained(s, len(messages))
-        _, peak = worker.rss()
+        peak = max(worker.rss()[1] for worker in procs)
     finally:
-        hotspots = workloads.stop_profile(spy) if spy else []
-        worker.stop()
+        hotspots = workloads.stop_profile(spy) if spy else {}
+        for worker in procs:
+            worker.stop()
     seconds = done - started
     result: dict[str, Any] = {"entries": len(messages), "seconds": round(seconds, 3),
                               "entries_per_second": round(len(messages) / seconds),
                               "peak_rss_mib": round(peak / 2**20, 1)}
+    if workers > 1:
+        result["workers"] = workers
     if hotspots:
         result["hotspots"] = hotspots
     return result
@@ -285,6 +295,23 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+def throughput(s: Servers, batch: list[bytes], profile: bool = False,
+               ) -> Iterator[dict[str, Any]]:
+    """CPU per entry, against the plain ceiling measured in between (the machine is noisy:
+    each drain is compared with the ceiling run right before it)."""
+    ceiling = bench_plain_ceiling(s, batch)
+    yield {"bench": "plain_ceiling", **ceiling}
+    for mode in ("off", "sha256"):
+        drain = bench_drain(s, batch, profile=profile, database_hash_chain=mode)
+        yield {"bench": "drain", "hash_chain": mode, **drain,
+               "vs_plain_ceiling": round(drain["entries_per_second"]
+                                         / ceiling["entries_per_second"], 3)}
+    for workers in (1, 2, 3):
+        drain = bench_drain(s, batch, workers=workers, database_hash_chain="off")
+        yield {"bench": "scale_out", "workers": workers, "hash_chain": "off",
+               "entries": drain["entries"], "entries_per_second": drain["entries_per_second"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="dlq-worker benchmark suite")
     parser.add_argument("--quick", action="store_true", help="smoke sizes, no soak (CI)")
@@ -298,7 +325,18 @@ def main() -> None:
     parser.add_argument("--big-entries", type=int, metavar="N",
                         help="only the peak RSS of an N-entry backlog of ~900 KB entries, with "
                              "the default byte bound and with a count-only bound")
+    parser.add_argument("--hash-chain", choices=("off", "sha256", "hmac", "auto"),
+                        help="the hash chain mode for --drain-only (default: auto)")
+    parser.add_argument("--throughput", type=int, metavar="N",
+                        help="only the CPU-per-entry comparison on one N-entry backlog: the "
+                             "plain ceiling, the drain with the hash chain off and on, and "
+                             "1, 2 and 3 worker processes")
     args = parser.parse_args()
+    if args.throughput:
+        with servers() as s:
+            for line in throughput(s, workloads.messages(args.throughput), args.profile):
+                print(json.dumps(line), flush=True)
+        return
     if args.chain_compare:
         with servers() as s:
             batch = workloads.messages(args.chain_compare)
@@ -318,9 +356,11 @@ def main() -> None:
     if args.drain_only:
         with servers() as s:
             batch = workloads.messages(args.drain_only)
+            settings = {"database_hash_chain": args.hash_chain} if args.hash_chain else {}
             for run in range(3):
-                print(json.dumps({"bench": "drain", "run": run + 1, **bench_drain(s, batch)}),
-                      flush=True)
+                print(json.dumps({"bench": "drain", "run": run + 1,
+                                  **bench_drain(s, batch, args.profile and run == 0,
+                                                **settings)}), flush=True)
         return
     quick = args.quick
     n_drain = 5000 if quick else 50000

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from dlq_worker import gojson
-from dlq_worker.decode import Record
+from dlq_worker.decode import Jsonb, Record
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ def stored_view(values: Mapping[str, Any], event_data: Any,
     view["event_id"] = str(values["event_id"]).lower()
     view["parent_event_id"] = (None if values.get("parent_event_id") is None
                                else str(values["parent_event_id"]).lower())
+    if isinstance(event_data, Jsonb):
+        event_data = event_data.value
     view["event_data"] = None if event_data is None else gojson.go_value(event_data)
     view["actor_ip"] = actor_ip_text
     return view

@@ -33,6 +33,7 @@ _SQL_TYPES: tuple[tuple[type[Any], str], ...] = (
 
 def _sql_type(table: str, column: str) -> str:
     kind = TABLES[table].c[column].type
+    kind = getattr(kind, "impl_instance", kind)  # a TypeDecorator: the type it stores as
     for cls, name in _SQL_TYPES:
         if isinstance(kind, cls):
             return name

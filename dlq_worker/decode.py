@@ -34,11 +34,7 @@ _RFC3339 = re.compile(
 )
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 _NUL_ESCAPE = re.compile(rb"\\u0000")
-
-#: orjson parses an integer beyond 64 bits as a float; any float this large may be one.
-_BIG = float(2**63)
-_SMALLEST_NORMAL = 2.2250738585072014e-308
-
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 #: PostgreSQL's numeric (what jsonb stores numbers as) holds up to 131072 digits before
 #: the point and 16383 after it; beyond that every insert fails, so such entries are
@@ -51,21 +47,24 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _loads(raw: bytes | str) -> Any:
-    """orjson (several times faster), unless the document holds a number it may have
-    rounded or cannot hold as a double: audit data must keep every digit, and jsonb
-    stores numbers of any size. That slower path parses exactly (``Decimal``), and its
+def _loads(raw: bytes | str, *, exact: bool = False) -> Any:
+    """orjson (several times faster), unless asked for ``exact`` or the document holds a
+    number beyond a double: that slower path parses every digit (``Decimal``), and its
     result is checked for what PostgreSQL refuses everywhere (NUL, lone surrogates,
-    numbers beyond numeric)."""
+    numbers beyond numeric). orjson itself refuses lone surrogates and invalid UTF-8;
+    a NUL can only come as an escape, which the callers look for.
+
+    orjson's floats are rounded to a double, which is harmless where the producer's text
+    is what PostgreSQL receives (base64 event_data: see ``Jsonb``); a plain object is
+    re-serialized, so the caller asks again with ``exact`` if ``maybe_rounded`` says so."""
+    if exact:
+        return _loads_exact(raw)
     try:
-        doc = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if "infinity" not in str(exc):
             raise
         return _loads_exact(raw)
-    if _maybe_rounded(doc):
-        return _loads_exact(raw)
-    return doc
 
 
 def _loads_exact(raw: bytes | str) -> Any:
@@ -74,7 +73,12 @@ def _loads_exact(raw: bytes | str) -> Any:
     return doc
 
 
-def _maybe_rounded(value: Any) -> bool:
+#: orjson parses an integer beyond 64 bits as a float; any float this large may be one.
+_BIG = float(2**63)
+_SMALLEST_NORMAL = 2.2250738585072014e-308
+
+
+def maybe_rounded(value: Any) -> bool:
     """A float orjson may have rounded: an integer beyond 64 bits, a value with as many
     significant digits as a double holds (the text may have had more), or zero and
     subnormals (the text may have been 1e-400). Floats are rare in audit data."""
@@ -86,9 +90,9 @@ def _maybe_rounded(value: Any) -> bool:
         mantissa = repr(magnitude).split("e")[0].replace(".", "").strip("0")
         return len(mantissa) >= 16
     if kind is dict:
-        return any(_maybe_rounded(v) for v in value.values())
+        return any(maybe_rounded(v) for v in value.values())
     if kind is list:
-        return any(_maybe_rounded(v) for v in value)
+        return any(maybe_rounded(v) for v in value)
     return False
 
 
@@ -124,15 +128,46 @@ def _check_text(value: str, name: str) -> None:
                           reason="bad_unicode") from None
 
 
+class Jsonb:
+    """A jsonb value: the JSON text PostgreSQL is sent (the producer's own, when it was
+    valid as it came: PostgreSQL parses every digit itself, nothing is re-serialized) and
+    the parsed value (for the hash chain and the tests). Equal to its parsed value."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str, value: Any) -> None:
+        self.text = text
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return bool(self.value == (other.value if isinstance(other, Jsonb) else other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Jsonb({self.text[:60]!r})"
+
+
 def dumps_exact(value: Any) -> str:
     """JSON text for a decoded jsonb value, every digit kept (``Decimal`` included)."""
+    if type(value) is Jsonb:
+        return value.text
     try:
-        return orjson.dumps(value).decode()
+        return orjson.dumps(value, default=_fragment).decode()
     except TypeError:  # Decimal, or an integer beyond 64 bits
         return _dumps_slow(value)
 
 
+def _fragment(value: Any) -> Any:
+    """orjson's hook: a Jsonb inside a document is its text, as it is."""
+    if type(value) is Jsonb:
+        return orjson.Fragment(value.text)
+    raise TypeError
+
+
 def _dumps_slow(value: Any) -> str:
+    if type(value) is Jsonb:
+        return value.text
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, dict):
@@ -170,16 +205,35 @@ def decode_entry(table: str, fields: Mapping[bytes, bytes]) -> Record:
 
     Raises DecodeError for anything that does not follow the contract.
     """
-    envelope = decode_envelope(fields)
+    _, payload = _parse(fields)
     try:
         decoder = _DECODERS[table]
     except KeyError:
         raise DecodeError(f"no decoder for table {table!r}", reason="unknown_table") from None
-    return decoder(envelope.payload)
+    return decoder(payload)
 
 
 def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     """Parse the ``message`` field of an entry into an Envelope."""
+    doc, payload = _parse(fields)
+    kind = doc.get("type")
+    retry_count = doc.get("retry_count")
+    last_error = doc.get("last_error")
+    return Envelope(
+        type=kind if isinstance(kind, str) else None,
+        payload=payload,
+        timestamp=_lenient_timestamp(doc.get("timestamp")),
+        retry_count=retry_count if _is_int(retry_count) else None,
+        last_error=last_error if isinstance(last_error, str) else None,
+    )
+
+
+def _parse(fields: Mapping[bytes, bytes], *, exact: bool = False,
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The envelope document and its payload, checked once for what PostgreSQL refuses in
+    any text: the record's strings need no check of their own afterwards. Parsed again
+    ``exact`` when event_data or event_metadata is a plain object with a number orjson
+    may have rounded (that object is re-serialized: base64 ones go as they came)."""
     raw = fields.get(b"message")
     if raw is None:
         shown = sorted(k.decode("utf-8", "replace")[:40] for k in list(fields)[:10])
@@ -192,19 +246,19 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
             reason="too_large",
         )
     try:
-        doc = _loads(raw)
+        doc = _loads(raw, exact=exact)
     except DecodeError:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"message is not JSON: {_short(exc)}", reason="bad_json") from None
     except RecursionError:
         raise DecodeError("message nests too deeply", reason="bad_json") from None
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise DecodeError("message is not a JSON object", reason="bad_envelope")
     payload = doc.get("payload")
     if isinstance(payload, str):
         try:
-            payload = _loads(payload)
+            payload = _loads(payload, exact=exact)
         except DecodeError:
             raise
         except ValueError as exc:
@@ -213,23 +267,16 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
             ) from None
         except RecursionError:
             raise DecodeError("payload nests too deeply", reason="bad_payload") from None
-    if not isinstance(payload, dict):
+    if type(payload) is not dict:
         raise DecodeError("payload is missing or not a JSON object", reason="bad_payload")
-    # A NUL can only be in JSON text as an escape; without one, no value holds it.
+    # A NUL can only be in JSON text as an escape; without one, no value holds it (an
+    # escape in a payload sent as a string shows in the envelope's text too).
     if _NUL_ESCAPE.search(raw):
         check_pg_safe(payload, "payload")
-
-    kind = doc.get("type")
-    retry_count = doc.get("retry_count")
-    last_error = doc.get("last_error")
-    stamp = doc.get("timestamp")
-    return Envelope(
-        type=kind if isinstance(kind, str) else None,
-        payload=payload,
-        timestamp=_lenient_timestamp(stamp),
-        retry_count=retry_count if _is_int(retry_count) else None,
-        last_error=last_error if isinstance(last_error, str) else None,
-    )
+    if not exact and any(type(v) is dict and maybe_rounded(v) for v in (
+            payload.get("event_data"), payload.get("event_metadata"))):
+        return _parse(fields, exact=True)
+    return doc, payload
 
 
 def parse_timestamp(value: object, field: str) -> dt.datetime:
@@ -243,6 +290,13 @@ def parse_timestamp(value: object, field: str) -> dt.datetime:
     if m is None:
         raise DecodeError(f"{field}: not an RFC 3339 timestamp", reason="bad_timestamp")
     year, month, day, hour, minute, second, frac, zone = m.groups()
+    if zone == "Z" and value[10] == "T":
+        # The producers' own form (Go's RFC3339Nano, UTC): parsed in C, digits past the
+        # sixth dropped as below.
+        try:
+            return dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise DecodeError(f"{field}: not a valid date/time", reason="bad_timestamp") from None
     micros = int((frac or "0")[:6].ljust(6, "0"))
     try:
         if zone in ("Z", "z"):
@@ -266,44 +320,43 @@ def _lenient_timestamp(value: object) -> dt.datetime | None:
         return None
 
 
+#: audit_events text columns, in the row's column order after event_outcome.
+_AUDIT_REQUIRED = ("event_type", "event_category", "event_action", "event_outcome",
+                   "actor_type", "actor_id", "resource_type", "resource_id", "correlation_id")
+_AUDIT_OPTIONAL = ("actor_ip", "resource_name", "trace_id", "span_id", "namespace",
+                   "cluster_id", "severity", "error_code", "error_message")
+
+
 def _decode_audit_event(p: dict[str, Any]) -> Record:
+    # Value rules (ranges, lengths, enum lists) are the schema's: PostgreSQL decides them,
+    # so a migration that widens one never gets valid records parked by a stale copy here.
+    # Strings were checked for NUL and lone surrogates with the whole payload (_parse).
     event_id = _uuid(p, "event_id", required=True)
     stamp = parse_timestamp(_required(p, "event_timestamp"), "event_timestamp")
     event_date = stamp.date()
-    # Value rules (ranges, lengths, enum lists) are the schema's: PostgreSQL decides them,
-    # so a migration that widens one never gets valid records parked by a stale copy here.
-    retention = _int(p, "retention_days", required=True)
     values: dict[str, Any] = {
         "event_id": event_id,
         "event_version": _str(p, "version") or "1.0",
         "event_timestamp": stamp,
         "event_date": event_date,
-        "event_type": _str(p, "event_type", required=True),
-        "event_category": _str(p, "event_category", required=True),
-        "event_action": _str(p, "event_action", required=True),
-        "event_outcome": _str(p, "event_outcome", required=True),
-        "actor_type": _str(p, "actor_type", required=True),
-        "actor_id": _str(p, "actor_id", required=True),
-        "actor_ip": _str(p, "actor_ip"),
-        "resource_type": _str(p, "resource_type", required=True),
-        "resource_id": _str(p, "resource_id", required=True),
-        "resource_name": _str(p, "resource_name"),
-        "correlation_id": _str(p, "correlation_id", required=True),
-        "parent_event_id": _uuid(p, "parent_event_id"),
-        "parent_event_date": _date(p, "parent_event_date"),
-        "trace_id": _str(p, "trace_id"),
-        "span_id": _str(p, "span_id"),
-        "namespace": _str(p, "namespace"),
-        "cluster_id": _str(p, "cluster_id"),
-        "event_data": _json_object(p, "event_data", required=True),
-        "event_metadata": _json_object(p, "event_metadata"),
-        "severity": _str(p, "severity"),
-        "duration_ms": _int(p, "duration_ms"),
-        "error_code": _str(p, "error_code"),
-        "error_message": _str(p, "error_message"),
-        "retention_days": retention,
-        "is_sensitive": _bool(p, "is_sensitive") or False,
     }
+    for name in _AUDIT_REQUIRED:
+        value = p.get(name)
+        if type(value) is not str:
+            _str(p, name, required=True)  # raises the right error
+        values[name] = value
+    for name in _AUDIT_OPTIONAL:
+        value = p.get(name)
+        if value is not None and type(value) is not str:
+            _str(p, name)
+        values[name] = value
+    values["parent_event_id"] = _uuid(p, "parent_event_id")
+    values["parent_event_date"] = _date(p, "parent_event_date")
+    values["event_data"] = _json_object(p, "event_data", required=True)
+    values["event_metadata"] = _json_object(p, "event_metadata")
+    values["duration_ms"] = _int(p, "duration_ms")
+    values["retention_days"] = _int(p, "retention_days", required=True)
+    values["is_sensitive"] = _bool(p, "is_sensitive") or False
     return Record(
         table=AUDIT_EVENTS,
         key=(event_id, event_date),
@@ -359,7 +412,6 @@ def _str(p: Mapping[str, Any], name: str, *, required: bool = False) -> Any:
         return None
     if not isinstance(value, str):
         raise DecodeError(f"{name}: expected a string", reason="bad_type")
-    _check_text(value, name)
     return value
 
 
@@ -367,7 +419,7 @@ def _int(p: Mapping[str, Any], name: str, *, required: bool = False) -> Any:
     value = _required(p, name) if required else p.get(name)
     if value is None:
         return None
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float | Decimal) and value == int(value):
         value = int(value)
     if not _is_int(value):
         raise DecodeError(f"{name}: expected an integer", reason="bad_type")
@@ -381,12 +433,15 @@ def _bool(p: Mapping[str, Any], name: str) -> Any:
     return value
 
 
-def _uuid(p: Mapping[str, Any], name: str, *, required: bool = False) -> Any:
+def _uuid(p: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+    """The canonical text (lower case, hyphenated), as PostgreSQL prints a uuid."""
     value = _str(p, name, required=required)
     if value is None:
         return None
+    if _UUID.match(value):
+        return str(value).lower()
     try:
-        return uuid.UUID(value)
+        return str(uuid.UUID(value))
     except ValueError:
         raise DecodeError(f"{name}: not a UUID", reason="bad_uuid") from None
 
@@ -404,11 +459,13 @@ def _date(p: Mapping[str, Any], name: str) -> dt.date | None:
         raise DecodeError(f"{name}: not a valid date", reason="bad_timestamp") from None
 
 
-def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> Any:
+def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> Jsonb | None:
     """Base64 of JSON bytes (what the producer writes), or a plain JSON object."""
     value = _required(p, name) if required else p.get(name)
-    if value is None or isinstance(value, dict):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return Jsonb(dumps_exact(value), value)
     if not isinstance(value, str):
         raise DecodeError(f"{name}: expected base64 JSON or an object", reason="bad_type")
     try:
@@ -421,11 +478,14 @@ def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> 
         raise DecodeError(f"{name}: {exc}", reason=exc.reason) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DecodeError(f"{name}: base64 does not hold JSON", reason="bad_json") from None
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise DecodeError(f"{name}: JSON is not an object", reason="bad_json")
     if _NUL_ESCAPE.search(raw):
         check_pg_safe(doc, name)
-    return doc
+    # The producer's own text goes to PostgreSQL: valid JSON (just parsed), valid UTF-8
+    # (orjson and the exact parser both refuse anything else), every digit as written,
+    # however orjson rounded its copy of a number.
+    return Jsonb(raw.decode(), doc)
 
 
 def _is_int(value: object) -> bool:

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from dlq_worker.decode import dumps_exact
+from dlq_worker.decode import Jsonb, dumps_exact
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -36,6 +36,7 @@ _CONVERT: dict[type, Callable[[Any], str]] = {
     dt.date: dt.date.isoformat,
     uuid.UUID: str,
     dict: _json,
+    Jsonb: lambda v: _text(v.text),
     list: _json,
 }
 
@@ -52,14 +53,29 @@ def field(value: Any) -> str:
 
 def encode(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> io.StringIO:
     """The rows' ``columns`` as one COPY text stream (tab-separated, one row a line)."""
+    return io.StringIO(encode_text(rows, columns))
+
+
+def encode_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """The rows' ``columns`` as COPY text (tab-separated, one row a line).
+
+    Most rows need no escaping at all: a row is joined as it is, and escaped value by
+    value only if the joined line holds a line break, or a backslash or a tab of its own
+    (one backslash is each NULL's, one tab each separator's)."""
     convert = _CONVERT
+    separators = len(columns) - 1
     lines = []
     try:
         for row in rows:
             values = [row[c] for c in columns]
-            lines.append("\t".join(["\\N" if v is None else convert[type(v)](v)
-                                    for v in values]))
+            line = "\t".join([v if type(v) is str else "\\N" if v is None
+                               else convert[type(v)](v) for v in values])
+            if ("\n" in line or "\r" in line or line.count("\t") != separators
+                    or line.count("\\") != values.count(None)):
+                line = "\t".join(["\\N" if v is None else convert[type(v)](v)
+                                   for v in values])
+            lines.append(line)
     except KeyError as exc:
         raise TypeError(f"cannot COPY a value of {exc}") from None
     lines.append("")
-    return io.StringIO("\n".join(lines))
+    return "\n".join(lines)

@@ -8,6 +8,8 @@ Storage service created as well as against one made by ``dlq-worker db init``.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -20,17 +22,30 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
 )
 from sqlalchemy.dialects.postgresql import INET, JSONB, UUID
+from sqlalchemy.engine import Dialect
 
-from dlq_worker.decode import AUDIT_EVENTS, NOTIFICATION_AUDIT
+from dlq_worker.decode import AUDIT_EVENTS, NOTIFICATION_AUDIT, dumps_exact
 
 metadata = MetaData()
+
+
+class ExactJsonb(TypeDecorator[Any]):
+    """jsonb sent as the decoder's JSON text (``Jsonb``: the producer's own, every digit),
+    whatever JSON serializer the engine was made with."""
+
+    impl = JSONB
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], str | None]:
+        return lambda value: None if value is None else dumps_exact(value)
 
 audit_events = Table(
     AUDIT_EVENTS,
     metadata,
-    Column("event_id", UUID(as_uuid=True), primary_key=True),
+    Column("event_id", UUID(as_uuid=False), primary_key=True),
     Column("event_version", String(10), nullable=False),
     Column("event_timestamp", DateTime(timezone=True), nullable=False),
     Column("event_date", Date, primary_key=True),
@@ -45,7 +60,7 @@ audit_events = Table(
     Column("resource_id", String(255), nullable=False),
     Column("resource_name", String(255)),
     Column("correlation_id", String(255), nullable=False),
-    Column("parent_event_id", UUID(as_uuid=True)),
+    Column("parent_event_id", UUID(as_uuid=False)),
     Column("parent_event_date", Date),
     Column("trace_id", String(255)),
     Column("span_id", String(255)),
@@ -53,8 +68,8 @@ audit_events = Table(
     Column("cluster_id", String(255)),
     # none_as_null: an absent value is SQL NULL, as the COPY path writes it, never the JSON
     # value null (SQLAlchemy's default for JSON types).
-    Column("event_data", JSONB(none_as_null=True), nullable=False),
-    Column("event_metadata", JSONB(none_as_null=True)),
+    Column("event_data", ExactJsonb(none_as_null=True), nullable=False),
+    Column("event_metadata", ExactJsonb(none_as_null=True)),
     Column("severity", String(20)),
     Column("duration_ms", Integer),
     Column("error_code", String(50)),

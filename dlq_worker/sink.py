@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import io
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -114,6 +116,8 @@ class Sink:
     #: Without the TEMP privilege the sink writes with INSERT, and tries COPY again this
     #: much later (a privilege granted back brings the fast path back without a restart).
     copy_reprobe_seconds = 300.0
+    #: After a batch met an existing key, later batches take the staging path this long.
+    direct_pause_seconds = 5.0
 
     def __init__(self, config: DatabaseConfig, engine: Engine | None = None, *,
                  copy: bool = True) -> None:
@@ -123,6 +127,8 @@ class Sink:
         self.copy = copy
         #: While lacking the TEMP privilege: when to try COPY again (monotonic), else 0.
         self._copy_off_until = 0.0
+        #: After a COPY met an existing key: when to try COPY straight into the table again.
+        self._direct_off_until = 0.0
         self._chain: chain.Chainer | None = None
         self._chain_decided = False
 
@@ -241,39 +247,61 @@ class Sink:
         indexes: Sequence[int],
         result: WriteResult,
     ) -> None:
-        """COPY the rows into a per-connection staging table, then move them with one
-        INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING <key> (same outcome as
-        _insert, a fraction of the client-side cost)."""
+        """COPY the rows straight into the table under a savepoint: one pass, every row
+        new (the usual case). If a key exists already (a redelivery, a reused ID), roll
+        back to the savepoint and take the staging path, which tells each row's outcome."""
         rows = self._rows(conn, table, records, indexes, result)
         columns = list(rows[0])
-        stage = f"dlq_stage_{table}"
         names = ", ".join(columns)
-        keys = ", ".join(CONFLICT_KEYS[table])
+        try:
+            data = pgcopy.encode_text(rows, columns)
+        except _UNENCODABLE as exc:
+            raise _unencodable(type(exc).__name__) from exc
         cursor = None
         try:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            # Temporary, emptied at every commit, only the columns we write: no defaults
-            # (no sequence is drawn twice) and no constraints (the real INSERT enforces them
-            # all). Created in this transaction every time, so a rollback cannot leave a
-            # connection believing it has one.
-            cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS "
-                           f"AS SELECT {names} FROM {table} WITH NO DATA")
-            cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN",
-                               pgcopy.encode(rows, columns))
-            cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
-                           f"ON CONFLICT DO NOTHING RETURNING {keys}")
-            returned = cursor.fetchall()
+            if self._direct_copy_allowed():
+                cursor.execute("SAVEPOINT dlq_direct")
+                try:
+                    cursor.copy_expert(f"COPY {table} ({names}) FROM STDIN", io.StringIO(data))
+                except psycopg2.errors.UniqueViolation:
+                    cursor.execute("ROLLBACK TO SAVEPOINT dlq_direct")
+                    # Redeliveries come in runs (a restart, a claim): stage for a while.
+                    self._direct_off_until = time.monotonic() + self.direct_pause_seconds
+                else:
+                    for i in indexes:
+                        result.outcomes[i] = Outcome.WRITTEN
+                    return
+            returned = self._copy_staged(cursor, table, data, names)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             conn.invalidate()  # raw DBAPI use: SQLAlchemy cannot see the connection broke
             raise DatabaseUnavailable(f"connection lost: {_message(exc)}") from exc
         except psycopg2.Error as exc:
             raise _classify(exc, table) from exc
-        except _UNENCODABLE as exc:
-            raise _unencodable(type(exc).__name__) from exc
         finally:
             if cursor is not None:
                 cursor.close()
         _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
+
+    def _direct_copy_allowed(self) -> bool:
+        return not self._direct_off_until or time.monotonic() >= self._direct_off_until
+
+    @staticmethod
+    def _copy_staged(cursor: Any, table: str, data: str, names: str) -> list[Any]:
+        """COPY into a per-connection staging table, then move the rows with one
+        INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING <key> (the same outcome as
+        _insert, a fraction of the client-side cost). Temporary, emptied at every commit,
+        only the columns we write: no defaults (no sequence is drawn twice) and no
+        constraints (the real INSERT enforces them all). Created in this transaction
+        every time, so a rollback cannot leave a connection believing it has one."""
+        stage = f"dlq_stage_{table}"
+        keys = ", ".join(CONFLICT_KEYS[table])
+        cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS "
+                       f"AS SELECT {names} FROM {table} WITH NO DATA")
+        cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN", io.StringIO(data))
+        cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
+                       f"ON CONFLICT DO NOTHING RETURNING {keys}")
+        return list(cursor.fetchall())
 
     def _insert(
         self,

@@ -301,15 +301,31 @@ def test_database_without_temp_privilege_is_written_with_insert(
     worker = start_worker(database={"user": "dlq_limited"})
     wait_until(lambda: bed.drained(EVENTS), 30)
     assert sorted(bed.event_ids()) == sorted(r["event_id"] for r in records)
-    assert worker.app.sink._copy_off_until > 0, "COPY should be off without TEMP"
+    # New rows go straight into the table with COPY: no staging table needed
+    assert worker.app.sink._copy_off_until == 0
+
+    # When the same records come again (a redelivery: the staging path would tell them
+    # apart, and it needs a temporary table), they are told apart with INSERT instead
+    _produce_again(bed, records)
+    wait_until(lambda: bed.drained(EVENTS), 30)
+    assert worker.metric("dlq_worker_entries_duplicate_total", stream=EVENTS) == 40
+    assert worker.app.sink._copy_off_until > 0, "staging should be off without TEMP"
 
     # When the privilege is granted back, COPY is probed again without a restart
     with bed.engine.begin() as conn:
         conn.exec_driver_sql(f'GRANT TEMP ON DATABASE "{bed.dbname}" TO dlq_limited')
     wait_until(lambda: time.monotonic() > worker.app.sink._copy_off_until, 5, "re-probe due")
-    records += bed.produce_events(40)
+    more = bed.produce_events(40)
+    _produce_again(bed, more)
     wait_until(lambda: bed.drained(EVENTS) and bed.count("audit_events") == 80, 30)
+    assert worker.metric("dlq_worker_entries_duplicate_total", stream=EVENTS) == 80
     assert worker.app.sink._copy_off_until == 0, "COPY should be back"
+
+
+def _produce_again(bed: Bed, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        bed.client.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT,
+                                                                   record)})
 
 
 def test_rows_written_around_a_rejected_row_keep_absent_values_null(bed: Bed,

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import random
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -36,7 +37,7 @@ def entry(message: bytes) -> dict[bytes, bytes]:
 def test_contract_example() -> None:
     record = decode_entry(AUDIT_EVENTS, entry(CONTRACT_EXAMPLE))
     v = record.values
-    assert v["event_id"] == uuid.UUID("3f1c2b9e-7a4d-4c1e-9b2a-5d6e7f801234")
+    assert v["event_id"] == "3f1c2b9e-7a4d-4c1e-9b2a-5d6e7f801234"  # as PostgreSQL prints it
     assert v["event_version"] == "1.0"
     assert v["event_timestamp"] == dt.datetime(2026, 8, 22, 18, 8, 55, 412345, tzinfo=dt.UTC)
     assert v["event_date"] == dt.date(2026, 8, 22)
@@ -165,7 +166,35 @@ def test_numbers_a_double_cannot_hold_keep_every_digit() -> None:
     v = decode_entry(AUDIT_EVENTS, {b"message": _event_with(
         event_data=base64.b64encode(raw).decode())}).values
     # Then they reach PostgreSQL as written, not as infinity or a rounded float
-    assert dumps_exact(v["event_data"]) == raw.decode().replace("1e400", "1E+400")
+    assert dumps_exact(v["event_data"]) == raw.decode()
+    assert v["event_data"].value["big"] == Decimal("1e400")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["", "-"]), st.text("0123456789", min_size=1,
+                                                               max_size=24),
+                          st.text("0123456789", max_size=24),
+                          st.one_of(st.none(), st.integers(-400, 400))),
+                min_size=1, max_size=4), st.booleans())
+def test_every_number_reaches_postgresql_as_written(
+        parts: list[tuple[str, str, str, int | None]], as_base64: bool) -> None:
+    # Given event_data with numbers of any length and exponent, beside strings that only
+    # look numeric, sent as base64 (what producers write) or as a plain object
+    numbers = [f"{sign}{whole.lstrip('0') or '0'}{'.' + frac if frac else ''}"
+               f"{'' if exp is None else f'e{exp}'}" for sign, whole, frac, exp in parts]
+    raw = '{"n":[' + ",".join(numbers) + '],"s":"x:12345678901234567,1e5","m":' + numbers[0] + "}"
+    if any(not -16383 <= Decimal(n).adjusted() <= 131071 for n in numbers if Decimal(n)):
+        return  # beyond numeric: parked, tested elsewhere
+    event_data: Any = base64.b64encode(raw.encode()).decode() if as_base64 else "@"
+    message = _event_with(event_data=event_data)
+    if not as_base64:
+        message = message.replace(b'"@"', raw.encode())
+    # When decoded into the text PostgreSQL is sent
+    sent = dumps_exact(decode_entry(AUDIT_EVENTS, {b"message": message}).values["event_data"])
+    # Then no number was rounded: each equals its text, exactly
+    doc = json.loads(sent, parse_float=Decimal)
+    for text_, value in zip([*numbers, numbers[0]], [*doc["n"], doc["m"]], strict=True):
+        assert Decimal(value) == Decimal(text_), text_
 
 
 def test_error_messages_never_carry_payload_values() -> None:
