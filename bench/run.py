@@ -369,11 +369,16 @@ def main() -> None:
                                            "cpus": os.cpu_count(), "quick": quick}}
     messages = workloads.messages(n_rss)
     with servers() as s:
+        results["plain_ceiling"] = bench_plain_ceiling(s, messages[:n_drain])
         results["ceiling"] = bench_ceiling(s, messages[:n_drain])
         results["naive"] = bench_naive(s, messages[: (500 if quick else 3000)])
         results["drain"] = bench_drain(s, messages[:n_drain], profile=args.profile)
         results["drain_chain_off"] = bench_drain(s, messages[:n_drain],
                                                  database_hash_chain="off")
+        results["scale_out"] = [
+            {"workers": k, "entries_per_second": bench_drain(
+                s, messages[:n_drain], workers=k, database_hash_chain="off")["entries_per_second"]}
+            for k in (1, 2, 3)]
         results["drain_100k_rss"] = bench_drain(s, messages[:n_rss])
         results["latency"] = bench_latency(s, 1000, 10 if quick else 60)
         results["recovery"] = bench_recovery(s, messages[: (2000 if quick else 10000)])
@@ -382,7 +387,11 @@ def main() -> None:
         results["shared_redis"] = bench_shared_redis(s.redis.port, 5 if quick else 15)
         if not (quick or args.no_soak):
             results["soak"] = bench_soak(s, 1000, 600)
+    plain = results["plain_ceiling"]["entries_per_second"]
     ratios = {
+        "chain_off_vs_plain_ceiling": round(
+            results["drain_chain_off"]["entries_per_second"] / plain, 3),
+        "chain_on_vs_plain_ceiling": round(results["drain"]["entries_per_second"] / plain, 3),
         "drain_vs_ceiling": round(results["drain"]["entries_per_second"]
                                   / results["ceiling"]["entries_per_second"], 3),
         "drain_vs_naive": round(results["drain"]["entries_per_second"]

@@ -53,12 +53,67 @@ class Link:
     hash_algorithm: str
 
 
-def hashed_json(row: Mapping[str, Any]) -> bytes:
+def hashed_json(row: Mapping[str, Any], event_data_json: str | None = None) -> bytes:
     """The bytes the platform hashes for a stored row: its Go struct, marshalled, with the
     hash fields, ``event_date`` and the legal-hold fields zeroed. ``row`` holds the values
-    as the platform's verifier reads them back (see ``stored_view``)."""
+    as the platform's verifier reads them back (see ``stored_view``); ``event_data_json``
+    is event_data already marshalled, if the caller has it.
+
+    Written out field by field, in the struct's declaration order (``hashed_json_struct``
+    is the same through the general encoder: the tests hold the two together)."""
+    s = gojson.string
+    parent_id = row.get("parent_event_id")
+    parent_date = row.get("parent_event_date")
+    out = ['{"event_id":', s(row["event_id"]),
+           ',"event_timestamp":"', gojson.rfc3339nano(row["event_timestamp"]),
+           '","event_date":null,"event_type":', s(row["event_type"]),
+           ',"version":', s(row["event_version"]),
+           ',"event_category":', s(row["event_category"]),
+           ',"event_action":', s(row["event_action"]),
+           ',"event_outcome":', s(row["event_outcome"]),
+           ',"correlation_id":', s(row["correlation_id"]),
+           ',"parent_event_id":', "null" if parent_id is None else s(parent_id),
+           ',"parent_event_date":', "null" if parent_date is None else '"' + gojson.rfc3339nano(
+               dt.datetime(parent_date.year, parent_date.month, parent_date.day,
+                           tzinfo=dt.UTC)) + '"']
+    for name, column in _OMITEMPTY_BEFORE_DURATION:
+        value = row.get(column)
+        if value:
+            out += [',"', name, '":', s(value)]
+    duration = row.get("duration_ms")
+    if duration:
+        out.append(f',"duration_ms":{int(duration)}')
+    for name, column in _OMITEMPTY_AFTER_DURATION:
+        value = row.get(column)
+        if value:
+            out += [',"', name, '":', s(value)]
+    out += [f',"retention_days":{int(row["retention_days"])}',
+            ',"is_sensitive":', "true" if row["is_sensitive"] else "false",
+            ',"event_hash":"","previous_event_hash":"","legal_hold":false,'
+            '"legal_hold_reason":"","legal_hold_placed_by":"","legal_hold_placed_at":null,'
+            '"event_data":']
+    if event_data_json is None:
+        data = row.get("event_data")
+        event_data_json = "null" if data is None else gojson.dumps_unmarshalled(data)
+    out += [event_data_json, "}"]
+    return "".join(out).encode("utf-8")
+
+
+#: Go's omitempty string fields (JSON name, column), around duration_ms.
+_OMITEMPTY_BEFORE_DURATION = (("resource_type", "resource_type"),
+                              ("resource_id", "resource_id"), ("namespace", "namespace"),
+                              # the Go field is ClusterID, its JSON key still cluster_name
+                              ("cluster_name", "cluster_id"), ("severity", "severity"))
+_OMITEMPTY_AFTER_DURATION = (("error_code", "error_code"), ("error_message", "error_message"),
+                             ("actor_id", "actor_id"), ("actor_type", "actor_type"),
+                             ("actor_ip", "actor_ip"))
+
+
+def hashed_json_struct(row: Mapping[str, Any]) -> bytes:
+    """``hashed_json`` through the general encoder: the Go struct as declared."""
     g = gojson
     parent_date = row.get("parent_event_date")
+    data = row.get("event_data")
     return g.dumps(g.Struct([
         g.Field("event_id", row["event_id"]),
         g.Field("event_timestamp", g.Time(row["event_timestamp"])),
@@ -75,7 +130,6 @@ def hashed_json(row: Mapping[str, Any]) -> bytes:
         g.Field("resource_type", row.get("resource_type") or "", omitempty=True),
         g.Field("resource_id", row.get("resource_id") or "", omitempty=True),
         g.Field("namespace", row.get("namespace") or "", omitempty=True),
-        # the Go field is ClusterID, its JSON key still cluster_name
         g.Field("cluster_name", row.get("cluster_id") or "", omitempty=True),
         g.Field("severity", row.get("severity") or "", omitempty=True),
         g.Field("duration_ms", row.get("duration_ms") or 0, omitempty=True),
@@ -93,7 +147,7 @@ def hashed_json(row: Mapping[str, Any]) -> bytes:
         g.Field("legal_hold_reason", ""),
         g.Field("legal_hold_placed_by", ""),
         g.Field("legal_hold_placed_at", None),
-        g.Field("event_data", row.get("event_data")),
+        g.Field("event_data", None if data is None else g.go_value(data)),
     ]))
 
 
@@ -106,23 +160,23 @@ def event_hash(previous: str, payload: bytes, key: bytes | None) -> str:
 
 
 def go_event_data(stored_text: str | None) -> Any:
-    """jsonb text as the Go verifier holds it after ``json.Unmarshal`` into a map."""
+    """jsonb text, decoded with every digit (``hashed_json`` makes each number a float64,
+    as the Go verifier's ``json.Unmarshal`` into a map does)."""
     if stored_text is None:
         return None
-    return gojson.go_value(json.loads(stored_text, parse_float=Decimal))
+    return json.loads(stored_text, parse_float=Decimal)
 
 
 def stored_view(values: Mapping[str, Any], event_data: Any,
                 actor_ip_text: str | None) -> dict[str, Any]:
-    """A record's values as the row will read back: event_data as Go holds it (float64
-    numbers), inet as PostgreSQL prints it, the rest as the worker writes them."""
+    """A record's values as the row will read back: event_data decoded (``hashed_json``
+    makes its numbers float64, as Go does), inet as PostgreSQL prints it, the rest as
+    the worker writes them."""
     view = dict(values)
     view["event_id"] = str(values["event_id"]).lower()
     view["parent_event_id"] = (None if values.get("parent_event_id") is None
                                else str(values["parent_event_id"]).lower())
-    if isinstance(event_data, Jsonb):
-        event_data = event_data.value
-    view["event_data"] = None if event_data is None else gojson.go_value(event_data)
+    view["event_data"] = event_data.value if isinstance(event_data, Jsonb) else event_data
     view["actor_ip"] = actor_ip_text
     return view
 
@@ -173,7 +227,7 @@ class Chainer:
                 existing.add((eid.lower(), day))
         new = [i for i, v in rows.items()
                if (str(v["event_id"]).lower(), v["event_date"]) not in existing]
-        stored = self._stored(conn, rows, new)
+        stored, marshalled = self._stored(conn, rows, new)
         links: dict[int, Link] = {}
         # A row the platform's Go verifier could not even read (event_data with a number
         # beyond float64) is written unhashed too, like a late one.
@@ -187,13 +241,13 @@ class Chainer:
                 late.append(i)  # older than the head: linking it would break the chain
                 continue
             previous = head[0] if head is not None else ""
-            digest = event_hash(previous, hashed_json(view), self.key)
+            digest = event_hash(previous, hashed_json(view, marshalled[i]), self.key)
             links[i] = Link(digest, previous, self.algorithm)
             heads[cid] = (digest, view["event_timestamp"], view["event_id"])
         return links, late
 
     def _stored(self, conn: Connection, rows: Mapping[int, Mapping[str, Any]],
-                indexes: Sequence[int]) -> dict[int, dict[str, Any]]:
+                indexes: Sequence[int]) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
         """The rows as they will read back. inet is printed by PostgreSQL itself (one query,
         for the rows that have one: 10.0.0.1/32 reads back as 10.0.0.1). event_data needs
         no round trip: jsonb keeps every digit and the last of duplicate keys, as the
@@ -206,12 +260,16 @@ class Chainer:
                 "CAST(:ip AS text[])) AS a(o, ip)"),
                 {"o": list(addresses), "ip": list(addresses.values())}).all()}
         views = {}
+        marshalled = {}
         for i in indexes:
+            view = stored_view(rows[i], rows[i]["event_data"], printed.get(i))
             try:
-                views[i] = stored_view(rows[i], rows[i]["event_data"], printed.get(i))
+                data = view["event_data"]
+                marshalled[i] = "null" if data is None else gojson.dumps_unmarshalled(data)
             except ValueError:
                 continue  # a number beyond float64: the verifier could not read it either
-        return views
+            views[i] = view
+        return views, marshalled
 
 
 def schema_supports_chain(conn: Connection) -> bool:

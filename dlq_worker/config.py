@@ -270,12 +270,30 @@ def load(
     }
     config = Config(**sections)
     config = _resolve_password_files(config)
-    validate(config)
+    validate(config, {f"{section}.{key}": origin for section, values in merged.items()
+                      for key, (origin, _) in values.items()})
     return config
 
 
-def validate(config: Config) -> None:
-    """Check relations between values (types are checked while loading)."""
+def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
+    """Check ranges and relations between values (types are checked while loading). An
+    error names where the value came from (``origins``: key -> file, environment or
+    command line; the default otherwise) and the value itself, secrets excepted."""
+    origins = origins or {}
+
+    def _check(ok: bool, key: str, expected: str) -> None:
+        if ok:
+            return
+        section, name = key.split(".", 1)
+        value: Any = getattr(getattr(config, section), name, None)
+        if isinstance(value, Duration):
+            shown = f", got {float(value):g}s"
+        elif (section, name) in _SECRETS or value is None:
+            shown = ""
+        else:
+            shown = f", got {_show(value)}"
+        raise ConfigError(f"{origins.get(key, 'default')}: '{key}' expects {expected}{shown}")
+
     r, d, s, w, h, lg = (
         config.redis,
         config.database,
@@ -518,11 +536,6 @@ def _split_addr(addr: str) -> tuple[str, str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"'redis.addr' expects host:port, got {text!r}")
     return "redis", host.strip("[]"), int(port_text)
-
-
-def _check(ok: bool, key: str, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"'{key}' expects {expected}")
 
 
 def _show(raw: Any) -> str:

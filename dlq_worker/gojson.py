@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 #: What Go escapes, code point -> escape; everything else is written as it is (UTF-8).
 _ESCAPES: dict[int, str] = {c: f"\\u00{c:02x}" for c in range(0x20)}
 _ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r",
@@ -109,6 +111,47 @@ def go_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [go_value(v) for v in value]
     raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+#: The largest integer a float64 holds exactly (Go prints such a float64 with its digits).
+_EXACT_INT = 2**53
+#: In orjson's output, what Go would have written otherwise: an escape of any kind, the
+#: HTML characters, U+2028 and U+2029.
+_GO_DIFFERS = (b"\\", b"<", b">", b"&", "\u2028".encode(), "\u2029".encode())
+
+
+def dumps_unmarshalled(value: Any) -> str:
+    """A decoded JSON value as Go marshals it after ``json.Unmarshal`` into ``interface{}``
+    (every number a float64, map keys sorted). Most audit payloads hold only strings,
+    small integers, booleans and nesting: for those, orjson with sorted keys writes the
+    very same bytes, checked for the few characters Go escapes and orjson does not.
+    Anything else goes through the full encoder. Raises ValueError for a number beyond
+    float64 (Go's Unmarshal refuses it)."""
+    if _plain(value):
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        if not any(mark in out for mark in _GO_DIFFERS):
+            return out.decode()
+    parts: list[str] = []
+    _encode(go_value(value), parts)
+    return "".join(parts)
+
+
+def _plain(value: Any) -> bool:
+    """Only strings, integers a float64 holds exactly, booleans, null, lists and maps."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is int:
+            if not -_EXACT_INT <= item <= _EXACT_INT:
+                return False
+        elif not (kind is str or kind is bool or item is None):
+            return False
+    return True
 
 
 def _empty(value: Any) -> bool:

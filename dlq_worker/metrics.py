@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from dlq_worker import __version__
 
@@ -26,6 +35,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # The process's own series (process_*: RSS, CPU, start time -> restarts; python_gc_*;
+        # python_info), as the default registry would have them.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         p = PREFIX
         self.build_info = Info(f"{p}_build", "Version of dlq-worker.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})

@@ -7,6 +7,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+import orjson
 import pytest
 
 from dlq_worker import gojson
@@ -37,6 +38,9 @@ def test_go_encoding_of_decoded_json_matches_byte_for_byte(verifier: Path) -> No
     for text, go in zip(VECTORS, expected, strict=True):
         ours = gojson.dumps(gojson.go_value(json.loads(text, parse_float=Decimal)))
         assert ours.decode() == go, text
+        # the fast path too, from either parser the decoder uses
+        assert gojson.dumps_unmarshalled(json.loads(text, parse_float=Decimal)) == go, text
+        assert gojson.dumps_unmarshalled(orjson.loads(text)) == go, text
 
 
 def test_time_encoding_matches(verifier: Path) -> None:

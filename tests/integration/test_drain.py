@@ -346,3 +346,27 @@ def test_rows_written_around_a_rejected_row_keep_absent_values_null(bed: Bed,
             "SELECT event_metadata IS NULL, count(*) FROM audit_events GROUP BY 1")).all()
     assert kinds == [(True, len(valid))]
     assert all(r.get("event_metadata") is None for r in valid)
+
+
+def test_metrics_carry_the_worker_process_own_series(bed: Bed, spawn_worker: Any) -> None:
+    # Given a real `dlq-worker run` process that has drained a few records
+    from dlq_worker.embedded import free_port
+    from tests.conftest import fast_env
+    bed.produce_events(20)
+    port = free_port()
+    worker = spawn_worker({**bed.env(), **fast_env(), "DLQ_WORKER_HTTP_PORT": str(port),
+                           "DLQ_WORKER_HTTP_HOST": "127.0.0.1"})
+    wait_until(lambda: bed.drained(EVENTS), 30, "drained")
+    # When its /metrics is scraped
+    body = _get(f"http://127.0.0.1:{port}/metrics")[1].decode()
+    samples_ = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
+                if line and not line.startswith("#")}
+    # Then RSS, CPU, start time (restarts), GC and the Python version are there, and they
+    # are that process's: its RSS is what the kernel reports for its PID
+    with open(f"/proc/{worker.proc.pid}/status") as status:
+        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+    assert 0.5 * rss < samples_["process_resident_memory_bytes"] < 2 * rss
+    assert samples_["process_cpu_seconds_total"] > 0
+    assert abs(samples_["process_start_time_seconds"] - time.time()) < 120
+    assert 'python_gc_objects_collected_total{generation="0"}' in samples_
+    assert any(name.startswith("python_info{") for name in samples_)

@@ -131,3 +131,31 @@ def test_check_config_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         main()
     assert exit_info.value.code == 2
     assert "unknown key 'http.prot'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("yaml_text", "env", "flags", "expected"), [
+    ("worker:\n  batch_size: -3\n", {}, {},
+     "{path}: 'worker.batch_size' expects between 1 and 10000, got -3"),
+    ("", {"DLQ_WORKER_WORKER_BATCH_SIZE": "20000"}, {},
+     "environment: 'worker.batch_size' expects between 1 and 10000, got 20000"),
+    ("", {}, {"http": {"port": 70000}},
+     "command line: 'http.port' expects a port between 0 and 65535, got 70000"),
+    ("worker:\n  claim_idle: 10ms\n", {}, {},
+     "{path}: 'worker.claim_idle' expects at least 1s, got 0.01s"),
+    ("worker:\n  backoff_initial: 1s\n  backoff_max: 500ms\n", {}, {},
+     "{path}: 'worker.backoff_max' expects >= backoff_initial > 0, got 0.5s"),
+])
+def test_range_errors_name_the_source_and_the_value(
+        tmp_path: Path, yaml_text: str, env: dict[str, str], flags: dict[str, Any],
+        expected: str) -> None:
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load(env, path, **flags)
+    assert str(err.value) == expected.format(path=path)
+
+
+def test_a_secret_in_a_range_error_is_never_shown() -> None:
+    with pytest.raises(ConfigError) as err:
+        load({"DLQ_WORKER_DATABASE_HASH_CHAIN": "hmac"})
+    assert "'database.hash_chain_key'" in str(err.value) and "got" not in str(err.value)
