@@ -246,16 +246,21 @@ def table(r: dict[str, Any]) -> str:
         ("  ratio to the plain ceiling, hash chain off (target >= 0.5) / on",
          f"{r['ratios']['chain_off_vs_plain_ceiling']} / "
          f"{r['ratios']['chain_on_vs_plain_ceiling']}"),
-        ("  ratio to the project-decoder ceiling", f"{r['ratios']['drain_vs_ceiling']}"),
+        ("  ratio to the project-decoder ceiling, hash chain off",
+         f"{r['ratios']['drain_vs_ceiling']}"),
         ("scale-out: 1 / 2 / 3 worker processes, hash chain off",
          " / ".join(f"{x['entries_per_second']:,}" for x in r["scale_out"]) + " entries/s"),
-        ("  ratio to naive (target >= 10)", f"{r['ratios']['drain_vs_naive']}"),
+        ("  ratio to naive, hash chain off (target >= 10)", f"{r['ratios']['drain_vs_naive']}"),
         ("end-to-end latency at 1,000/s p50 / p99 (target p99 <= 20 ms)",
          f"{r['latency']['p50_ms']} / {r['latency']['p99_ms']} ms"),
         (f"peak RSS draining {r['drain_100k_rss']['entries']:,} (target <= 100 MiB)",
          f"{r['drain_100k_rss']['peak_rss_mib']} MiB"),
         (f"backlog of {r['recovery']['entries']:,} gone after PostgreSQL answers (target <= 1 s)",
          f"{r['recovery']['seconds_after_postgres_answers']} s"),
+        ("one of two workers SIGKILLed mid-drain: kill -> drained",
+         f"{r['takeover']['seconds_kill_to_drained']} s"
+         + (f" ({r['takeover_without_heartbeats']['seconds_kill_to_drained']} s without "
+            "heartbeats)" if "takeover_without_heartbeats" in r else "")),
         ("producer enqueue p50 / p99 (target p99 <= 1 ms)",
          f"{r['enqueue']['p50_ms']} / {r['enqueue']['p99_ms']} ms"),
     ]

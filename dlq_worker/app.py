@@ -11,24 +11,23 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
+from dlq_worker import exitcodes
 from dlq_worker.config import Config
 from dlq_worker.endpoints import HttpServer
 from dlq_worker.errors import StartupError
 from dlq_worker.health import Health
+from dlq_worker.heartbeat import Heartbeat
 from dlq_worker.metrics import Metrics
 from dlq_worker.monitor import Monitor
 from dlq_worker.sink import Sink
-from dlq_worker.source import Source
+from dlq_worker.source import Source, make_client
 from dlq_worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
 #: Exit codes, named (dramatiq does the same).
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_STARTUP = 3
-EXIT_NOT_FOUND = 4
-EXIT_FORCED = 130
+EXIT_OK = exitcodes.OK
+EXIT_FORCED = exitcodes.FORCED
 
 
 class App:
@@ -42,7 +41,14 @@ class App:
         self.consumer = config.consumer_name()
         self.source = Source(config, self.consumer)
         self.sink = Sink(config.database)
-        self.worker = Worker(config, self.source, self.sink, self.metrics, self.health)
+        self.heartbeat: Heartbeat | None = None
+        if float(config.worker.takeover_after) > 0:
+            self.heartbeat = Heartbeat(
+                make_client(config.redis), config.streams.group, self.consumer,
+                takeover_after=float(config.worker.takeover_after),
+                forget_after=max(float(config.worker.consumer_idle_delete), 3600.0))
+        self.worker = Worker(config, self.source, self.sink, self.metrics, self.health,
+                             heartbeat=self.heartbeat)
         self.monitor = Monitor(config, self.metrics, self.health, self.sink,
                                streams=lambda: list(self.worker.streams))
         self.http: HttpServer | None = None
@@ -60,9 +66,13 @@ class App:
         if self.http:
             self.http.start()
         self.monitor.start()
+        if self.heartbeat:
+            self.heartbeat.start()
         try:
             self.worker.run()
         finally:
+            if self.heartbeat:
+                self.heartbeat.stop()
             self.monitor.stop()
             if self.http:
                 self.http.stop()

@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 
 import click
 
-from dlq_worker import __version__, logs
+from dlq_worker import __version__, exitcodes, logs
 from dlq_worker import config as config_mod
-from dlq_worker.app import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_STARTUP, serve
+from dlq_worker.app import serve
 from dlq_worker.config import Config
 from dlq_worker.errors import (
     ConfigError,
@@ -45,6 +45,12 @@ def config_options(func: F) -> F:
     options = [
         click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                      envvar="DLQ_WORKER_CONFIG", help="YAML config file (env DLQ_WORKER_CONFIG)."),
+        click.option("--platform-config", type=click.Path(dir_okay=False),
+                     envvar=config_mod.PLATFORM_ENV,
+                     help="The platform's own config file (the Data Storage service's "
+                          "datastorage-config): the Redis, stream and database settings are "
+                          "taken from it, the rest ignored; -c and the environment win "
+                          "(env DLQ_WORKER_PLATFORM_CONFIG)."),
         click.option("--redis-addr", help="Redis host:port or rediss://host:port (REDIS_ADDR)."),
         click.option("--redis-db", type=int, help="Redis database of the DLQ (REDIS_DB)."),
         click.option("--db-host", help="PostgreSQL host (DB_HOST)."),
@@ -74,7 +80,8 @@ def flag_overrides(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def load_config(config_path: str | None, flags: dict[str, Any]) -> Config:
-    return config_mod.load(config_path, overrides=flag_overrides(flags))
+    return config_mod.load(config_path, overrides=flag_overrides(flags),
+                           platform_path=flags.get("platform_config"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,25 +174,25 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(1)
+        sys.exit(exitcodes.ERROR)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except ConfigError as exc:
         click.echo(f"dlq-worker: config error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(exitcodes.CONFIG)
     except StartupError as exc:
         click.echo(f"dlq-worker: startup failed: {exc}", err=True)
-        sys.exit(EXIT_STARTUP)
+        sys.exit(exitcodes.UNAVAILABLE)
     except TransientError as exc:
         click.echo(f"dlq-worker: unavailable: {exc}", err=True)
-        sys.exit(EXIT_STARTUP)
+        sys.exit(exitcodes.UNAVAILABLE)
     except NotFound as exc:
         click.echo(f"dlq-worker: {exc}", err=True)
-        sys.exit(EXIT_NOT_FOUND)
+        sys.exit(exitcodes.NOT_FOUND)
     except DlqWorkerError as exc:
         click.echo(f"dlq-worker: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exitcodes.ERROR)
 
 
 # The operator commands register themselves on ``cli``.

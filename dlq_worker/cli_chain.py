@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from dlq_worker import chain
+from dlq_worker import chain, exitcodes
 from dlq_worker.cli import cli, config_options, load_config
 from dlq_worker.errors import ConfigError, NotFound, StartupError
 from dlq_worker.sink import Sink
@@ -69,7 +69,7 @@ def verify_chain(config_path: str | None, correlation_ids: tuple[str, ...], ever
             for event_id, message in r.tampered:
                 click.echo(f"    {event_id}: {message}")
     if not all(r.valid for r in reports):
-        sys.exit(1)
+        sys.exit(exitcodes.TAMPERED)
 
 
 def _since(text: str | None) -> dt.datetime:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -10,6 +13,7 @@ from typing import Any
 import click
 import redis
 
+from dlq_worker import control, exitcodes
 from dlq_worker import deadletter as dl
 from dlq_worker import doctor as doctor_mod
 from dlq_worker.cli import cli, config_options, flag_overrides, load_config
@@ -72,6 +76,44 @@ def status(config_path: str | None, as_json: bool, watch: float | None,
 
 @cli.command()
 @config_options
+@click.option("--reason", default="", help="Why: shown in status, /readyz and the log.")
+def pause(config_path: str | None, reason: str, **flags: Any) -> None:
+    """Stop every replica of this consumer group taking new entries.
+
+    Within one poll each replica finishes what it holds (written and acknowledged) and
+    then reads, claims and retries nothing until `resume`. The pause is kept in Redis: it
+    survives restarts and new replicas obey it. Use it for PostgreSQL maintenance instead
+    of scaling to zero: the pods stay up, ready, and show that they are paused.
+    """
+    cfg = load_config(config_path, flags)
+    client = _client(cfg)
+    try:
+        with translated("pause"):
+            found = control.pause(client, cfg.streams.group, reason)
+    finally:
+        client.close()
+    click.echo(f"group {cfg.streams.group}: {found.describe()}")
+
+
+@cli.command()
+@config_options
+def resume(config_path: str | None, **flags: Any) -> None:
+    """Lift a pause: every replica takes new entries again within one poll."""
+    cfg = load_config(config_path, flags)
+    client = _client(cfg)
+    try:
+        with translated("resume"):
+            lifted = control.resume(client, cfg.streams.group)
+    finally:
+        client.close()
+    if lifted is None:
+        click.echo(f"group {cfg.streams.group}: was not paused")
+    else:
+        click.echo(f"group {cfg.streams.group}: resumed ({lifted.describe()})")
+
+
+@cli.command()
+@config_options
 @click.argument("stream")
 @click.option("--count", "-n", default=10, show_default=True, help="Entries to show.")
 @click.option("--from", "from_id", default="-", help="First entry ID (default: the oldest).")
@@ -127,38 +169,81 @@ def _selection_options(func: Any) -> Any:
         click.option("--stream", help="Only this type: events, notifications..."),
         click.option("--reason", help="Only this reason, e.g. value_too_long."),
         click.option("--error-class", help="Only this class: DecodeError, RejectedError..."),
+        click.option("--since", metavar="WHEN",
+                     help="Only entries parked at or after WHEN: RFC 3339 time, a date, or "
+                          "a duration ago (24h, 7d)."),
+        click.option("--until", metavar="WHEN", help="Only entries parked before WHEN."),
     ]):
         func = option(func)
     return func
 
 
+_AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _when_ms(text: str | None, option: str) -> int | None:
+    """WHEN as Unix milliseconds: an RFC 3339 time, a date (midnight UTC), or a duration
+    ago."""
+    if text is None:
+        return None
+    ago = _AGO.match(text)
+    if ago:
+        return int((time.time() - float(ago[1]) * _UNIT_SECONDS[ago[2]]) * 1000)
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"expects an RFC 3339 time, a date or a duration (24h), "
+                                 f"got {text!r}", param_hint=option) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _selection(ids: tuple[str, ...], stream: str | None, reason: str | None,
+               error_class: str | None, since: str | None, until: str | None,
+               everything: bool = False, after: str | None = None) -> dl.Selection:
+    return dl.Selection(ids, stream, reason, error_class, everything,
+                        since_ms=_when_ms(since, "--since"), until_ms=_when_ms(until, "--until"),
+                        after=after)
+
+
 @dead_letter.command("list")
 @config_options
 @_selection_options
-@click.option("--count", "-n", default=100, show_default=True)
+@click.option("--count", "-n", default=100, show_default=True, help="Entries per page.")
+@click.option("--after", metavar="ID", help="The next page: entries after this parked ID.")
 @click.option("--json", "as_json", is_flag=True)
 def dl_list(config_path: str | None, ids: tuple[str, ...], stream: str | None,
-            reason: str | None, error_class: str | None, count: int, as_json: bool,
+            reason: str | None, error_class: str | None, since: str | None,
+            until: str | None, count: int, after: str | None, as_json: bool,
             **flags: Any) -> None:
-    """List parked entries with their reasons.
+    """List parked entries, oldest first, with their reasons, a page at a time.
 
     \b
     Example:
       dlq-worker dead-letter list --reason value_too_long
+      dlq-worker dead-letter list --since 24h --count 50
+      dlq-worker dead-letter list --since 24h --count 50 --after 1732700000000-0
     """
     cfg = load_config(config_path, flags)
     client = _client(cfg)
     try:
         store = dl.DeadLetters(client, cfg)
-        selection = dl.Selection(ids, stream, reason, error_class)
-        entries = [e.summary() for e in store.iterate(selection, limit=count)]
+        selection = _selection(ids, stream, reason, error_class, since, until, after=after)
+        entries = [e.summary() for e in store.iterate(selection, limit=count + 1)]
     finally:
         client.close()
-    text = "\n".join(f"{e['id']}  {e['original_stream']} {e['original_id']}  {e['reason']} "
-                     f"({e['error_class']}, {e['final_retry_count']} deliveries, in trouble "
-                     f"since {e['first_failed_at'] or 'unknown'})  "
+    more = len(entries) > count
+    entries = entries[:count]
+    text = "\n".join(f"{e['id']}  parked {e['parked_at']}  {e['original_stream']} "
+                     f"{e['original_id']}  {e['reason']} ({e['error_class']}, "
+                     f"{e['final_retry_count']} deliveries, first failed "
+                     f"{e['first_failed_at'] or 'unknown'})  "
                      f"{e['error'][:80]}" for e in entries) or "(no parked entries)"
     _emit(entries, as_json, text)
+    if more:  # on stderr: the JSON on stdout stays a plain list (page with the last ID)
+        click.echo(f"more: next page with --after {entries[-1]['id']}", err=True)
 
 
 @dead_letter.command("show")
@@ -192,8 +277,8 @@ def dl_show(config_path: str | None, entry_id: str, payload: bool, show_sensitiv
 @click.option("--all", "everything", is_flag=True, help="Every parked entry.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be replayed.")
 def dl_replay(config_path: str | None, ids: tuple[str, ...], stream: str | None,
-              reason: str | None, error_class: str | None, everything: bool, dry_run: bool,
-              **flags: Any) -> None:
+              reason: str | None, error_class: str | None, since: str | None,
+              until: str | None, everything: bool, dry_run: bool, **flags: Any) -> None:
     """Move parked entries back to their DLQ stream, unchanged, for the worker to retry.
 
     Each entry moves atomically: at no moment is it in neither place, nor in both.
@@ -207,7 +292,8 @@ def dl_replay(config_path: str | None, ids: tuple[str, ...], stream: str | None,
     client = _client(cfg)
     try:
         store = dl.DeadLetters(client, cfg)
-        entries = store.select(dl.Selection(ids, stream, reason, error_class, everything))
+        entries = store.select(_selection(ids, stream, reason, error_class, since, until,
+                                          everything))
         counts = _by_target(store, entries)
         if dry_run:
             click.echo(f"would replay {len(entries)} entries: {json.dumps(counts)}")
@@ -224,21 +310,34 @@ def dl_replay(config_path: str | None, ids: tuple[str, ...], stream: str | None,
 @config_options
 @_selection_options
 @click.option("--all", "everything", is_flag=True, help="Every parked entry.")
+@click.option("--older-than", metavar="DURATION",
+              help="Only entries parked longer ago than this (e.g. 90d).")
 @click.option("--yes", is_flag=True, help="Really delete (required).")
 def dl_purge(config_path: str | None, ids: tuple[str, ...], stream: str | None,
-             reason: str | None, error_class: str | None, everything: bool, yes: bool,
+             reason: str | None, error_class: str | None, since: str | None,
+             until: str | None, everything: bool, older_than: str | None, yes: bool,
              **flags: Any) -> None:
     """Delete parked entries for good (only parked ones; only with --yes).
 
     \b
     Example:
       dlq-worker dead-letter purge --id 1732700000000-0 --yes
+      dlq-worker dead-letter purge --older-than 90d --yes
     """
+    selection = _selection(ids, stream, reason, error_class, since, until, everything)
+    if older_than is not None:
+        if not _AGO.match(older_than):
+            raise click.BadParameter(f"expects a duration (90d, 12h), got {older_than!r}",
+                                     param_hint="--older-than")
+        cutoff = _when_ms(older_than, "--older-than")
+        assert cutoff is not None
+        selection = dataclasses.replace(selection, until_ms=min(
+            cutoff, selection.until_ms if selection.until_ms is not None else cutoff))
     cfg = load_config(config_path, flags)
     client = _client(cfg)
     try:
         store = dl.DeadLetters(client, cfg)
-        entries = store.select(dl.Selection(ids, stream, reason, error_class, everything))
+        entries = store.select(selection)
         if not yes:
             raise click.UsageError(
                 f"{len(entries)} parked entries selected; nothing deleted without --yes")
@@ -259,18 +358,24 @@ def _by_target(store: dl.DeadLetters, entries: list[dl.Parked]) -> dict[str, int
 @cli.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True)
-def doctor(config_path: str | None, as_json: bool, **flags: Any) -> None:
-    """Check everything no-loss depends on; say what to do. Exit 0 pass, 1 warn, 2 fail.
+@click.option("--fail-on", type=click.Choice(["warn", "fail"]), default="warn",
+              show_default=True,
+              help="The worst result that still exits 0 is the one below this.")
+def doctor(config_path: str | None, as_json: bool, fail_on: str, **flags: Any) -> None:
+    """Check everything no-loss depends on; say what to do. Exit 0 pass, 6 warn, 7 fail
+    (with --fail-on fail, warnings exit 0: what `helm test` runs).
 
     \b
     Example:
       dlq-worker doctor -c worker.yaml
     """
     overrides = flag_overrides(flags)
-    checks = doctor_mod.run_checks(config_path, overrides)
+    checks = doctor_mod.run_checks(config_path, overrides, flags.get("platform_config"))
     worst = doctor_mod.overall(checks)
     _emit({"status": worst, "checks": [c.__dict__ for c in checks]}, as_json,
           doctor_mod.format_checks(checks))
+    if fail_on == "fail" and worst == doctor_mod.WARN:
+        sys.exit(exitcodes.OK)
     sys.exit(doctor_mod.EXIT[worst])
 
 

@@ -51,7 +51,11 @@ class RedisConfig:
     password: Secret = field(default=Secret(""), repr=False)
     password_file: str = ""
     tls: bool = False
+    #: CA bundle to verify the server with (default: the system's).
     tls_ca_file: str = ""
+    #: A client certificate and its key, for a server that requires one.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     socket_timeout: Duration = Duration(5.0)
 
     @property
@@ -77,7 +81,11 @@ class DatabaseConfig:
     password_file: str = ""
     #: libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full.
     sslmode: str = "prefer"
+    #: CA bundle to verify the server with (verify-ca, verify-full).
     sslrootcert: str = ""
+    #: A client certificate and its key, for a server that requires one.
+    sslcert: str = ""
+    sslkey: str = ""
     connect_timeout: Duration = Duration(5.0)
     #: Server-side cap on one batch's statements; hitting it is transient, the batch is retried.
     statement_timeout: Duration = Duration(30.0)
@@ -111,6 +119,9 @@ class StreamsConfig:
         }
     )
     group: str = "dlq-worker"
+    #: At start, create every routed stream that does not exist yet (empty, with the
+    #: group): KEDA's redis-streams trigger fails on a stream or group that is missing.
+    create_routed: bool = True
     #: Unique per process; empty means ``<POD_NAME or hostname>-<pid>``.
     consumer: str = ""
     #: SCAN for new streams this often (every 200ms while none is known yet).
@@ -152,6 +163,9 @@ class WorkerConfig:
     #: Entries pending longer than this on another consumer are claimed (XAUTOCLAIM).
     claim_idle: Duration = Duration(60.0)
     claim_interval: Duration = Duration(15.0)
+    #: A consumer whose heartbeat stopped this long ago is dead: its entries idle this long
+    #: are claimed at once instead of after claim_idle (0 turns heartbeats off).
+    takeover_after: Duration = Duration(5.0)
     #: Consumers idle this long and holding nothing are removed from the group.
     consumer_idle_delete: Duration = Duration(3600.0)
     #: SIGTERM: stop reading, flush and ack within this time, then exit.
@@ -224,16 +238,41 @@ _LEVELS = {"debug", "info", "warning", "error"}
 _FORMATS = {"auto", "json", "console"}
 
 
+#: The platform's own config file (the Data Storage service's ConfigMap,
+#: ``datastorage-config``): where in it a setting the worker needs lives, and the setting.
+#: Everything else there is the platform's and is ignored (that file only: worker.yaml
+#: stays strict). Passwords are not taken from it: they stay in the worker's own Secret.
+PLATFORM_KEYS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("database", "host"): ("database", "host"),
+    ("database", "port"): ("database", "port"),
+    ("database", "name"): ("database", "name"),
+    ("database", "user"): ("database", "user"),
+    ("database", "sslMode"): ("database", "sslmode"),
+    ("database", "sslmode"): ("database", "sslmode"),
+    ("redis", "addr"): ("redis", "addr"),
+    ("redis", "db"): ("redis", "db"),
+    ("redis", "dlq", "stream_prefix"): ("streams", "prefix"),
+    ("redis", "dlq", "max_length"): ("streams", "max_length"),
+}
+PLATFORM_ENV = "DLQ_WORKER_PLATFORM_CONFIG"
+
+
 def load(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    platform_path: str | Path | None = None,
 ) -> Config:
-    """Build the Config from a YAML file, the environment and CLI overrides."""
+    """Build the Config, later layers winning: the platform's config file (if given, or
+    named by DLQ_WORKER_PLATFORM_CONFIG), the worker's YAML file, the environment, the
+    command line."""
     env = os.environ if env is None else env
     layers: list[tuple[str, Mapping[str, Any]]] = []
+    platform_path = platform_path or env.get(PLATFORM_ENV) or None
+    if platform_path is not None:
+        layers += _from_platform(Path(platform_path))
     if path is not None:
-        layers.append((str(path), _read_yaml(Path(path))))
+        layers.append((str(path), _checked_not_platform(Path(path), _read_yaml(Path(path)))))
     layers.append(("environment", _from_env(env)))
     if overrides:
         layers.append(("command line", overrides))
@@ -342,6 +381,8 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
     _check(w.reject_retry_max >= w.reject_retry_initial, "worker.reject_retry_max",
            ">= reject_retry_initial")
     _check(w.claim_idle >= 1, "worker.claim_idle", "at least 1s")
+    _check(float(w.takeover_after) == 0 or 0.5 <= w.takeover_after <= w.claim_idle,
+           "worker.takeover_after", "0 (off) or from 0.5s up to claim_idle")
     _check(w.shutdown_timeout > 0, "worker.shutdown_timeout", "a positive duration")
     _check(0 <= h.port <= 65535, "http.port", "a port between 0 and 65535")
     _check(lg.level in _LEVELS, "log.level", f"one of {', '.join(sorted(_LEVELS))}")
@@ -385,6 +426,35 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
         return {}
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return doc
+
+
+def _from_platform(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
+    """The settings the worker takes from the platform's config file, one layer per key
+    (so an error names where in that file the value was)."""
+    doc = _read_yaml(path)
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    for where, (section, key) in PLATFORM_KEYS.items():
+        node: Any = doc
+        for part in where:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            layers.append((f"{path} (platform config '{'.'.join(where)}')",
+                           {section: {key: node}}))
+    if not layers:
+        raise ConfigError(f"{path}: no setting the worker uses found in this platform config "
+                          f"(expected some of: {', '.join('.'.join(k) for k in PLATFORM_KEYS)})")
+    return layers
+
+
+def _checked_not_platform(path: Path, doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """worker.yaml is strict; the platform's file given in its place gets a pointer."""
+    redis_section = doc.get("redis")
+    if (isinstance(redis_section, Mapping) and "dlq" in redis_section) or "server" in doc:
+        raise ConfigError(f"{path}: this is the platform's config (it has "
+                          f"{'redis.dlq' if 'server' not in doc else 'server'}), not the "
+                          "worker's: pass it with --platform-config (or "
+                          f"{PLATFORM_ENV}), which takes what the worker needs from it")
     return doc
 
 

@@ -6,6 +6,8 @@ dead-letter stream), so an interrupted replay leaves every entry in exactly one 
 
 from __future__ import annotations
 
+import datetime as dt
+import heapq
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +64,7 @@ class Parked:
             "dead_letter_stream": self.dead_letter_stream,
             "original_stream": self.original_stream,
             "original_id": self.get("original_id"),
+            "parked_at": _id_time(self.id),
             "first_failed_at": self.get("first_failed_at"),
             "moved_at": self.get("moved_at"),
             "reason": self.get("reason"),
@@ -80,10 +83,16 @@ class Selection:
     reason: str | None = None
     error_class: str | None = None
     everything: bool = False
+    #: Parked at or after / before this time (Unix ms; a parked entry's ID is that time).
+    since_ms: int | None = None
+    until_ms: int | None = None
+    #: Paging: only entries after this dead-letter ID.
+    after: str | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.ids or self.stream or self.reason or self.error_class or self.everything)
+        return not (self.ids or self.stream or self.reason or self.error_class or self.everything
+                    or self.since_ms is not None or self.until_ms is not None)
 
     def matches(self, entry: Parked) -> bool:
         if self.ids and entry.id not in self.ids:
@@ -111,24 +120,37 @@ class DeadLetters:
         return [wanted]
 
     def iterate(self, selection: Selection, limit: int | None = None) -> Iterator[Parked]:
+        """The selected entries of every dead-letter stream, oldest first (merged across
+        streams by ID, which is when each was parked), up to ``limit``."""
         for ids in selection.ids:
             check_id(ids)
+        if selection.after:
+            check_id(selection.after)
+        merged = heapq.merge(*(self._range(stream, selection)
+                               for stream in self.streams(selection.stream)),
+                             key=lambda e: _id_key(e.id))
         count = 0
-        for stream in self.streams(selection.stream):
-            start = "-"
-            while True:
-                with translated(f"XRANGE {stream}"):
-                    rows: Any = self.client.xrange(stream, min=start, count=500)
-                for raw_id, fields in rows:
-                    entry = Parked(stream, raw_id.decode(), fields)
-                    if selection.matches(entry):
-                        yield entry
-                        count += 1
-                        if limit is not None and count >= limit:
-                            return
-                if len(rows) < 500:
-                    break
-                start = "(" + rows[-1][0].decode()
+        for entry in merged:
+            if selection.matches(entry):
+                yield entry
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+    def _range(self, stream: str, selection: Selection) -> Iterator[Parked]:
+        start = "-" if selection.since_ms is None else str(selection.since_ms)
+        if selection.after and (selection.since_ms is None
+                                or _id_key(selection.after) >= (selection.since_ms, 0)):
+            start = "(" + selection.after
+        end = "+" if selection.until_ms is None else str(selection.until_ms - 1)
+        while True:
+            with translated(f"XRANGE {stream}"):
+                rows: Any = self.client.xrange(stream, min=start, max=end, count=500)
+            for raw_id, fields in rows:
+                yield Parked(stream, raw_id.decode(), fields)
+            if len(rows) < 500:
+                return
+            start = "(" + rows[-1][0].decode()
 
     def show(self, entry_id: str) -> Parked:
         check_id(entry_id)
@@ -182,3 +204,14 @@ class DeadLetters:
             if progress:
                 progress(1)
         return removed
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _id_time(entry_id: str) -> str:
+    """An entry ID's time (when it was added: for a parked entry, when it was parked)."""
+    ms = _id_key(entry_id)[0]
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")

@@ -56,7 +56,7 @@ def _loads(raw: bytes | str, *, exact: bool = False) -> Any:
 
     orjson's floats are rounded to a double, which is harmless where the producer's text
     is what PostgreSQL receives (base64 event_data: see ``Jsonb``); a plain object is
-    re-serialized, so the caller asks again with ``exact`` if ``maybe_rounded`` says so."""
+    re-serialized, so the caller asks again with ``exact`` if ``holds_float`` says so."""
     if exact:
         return _loads_exact(raw)
     try:
@@ -73,26 +73,20 @@ def _loads_exact(raw: bytes | str) -> Any:
     return doc
 
 
-#: orjson parses an integer beyond 64 bits as a float; any float this large may be one.
-_BIG = float(2**63)
-_SMALLEST_NORMAL = 2.2250738585072014e-308
-
-
-def maybe_rounded(value: Any) -> bool:
-    """A float orjson may have rounded: an integer beyond 64 bits, a value with as many
-    significant digits as a double holds (the text may have had more), or zero and
-    subnormals (the text may have been 1e-400). Floats are rare in audit data."""
-    kind = type(value)
-    if kind is float:
-        magnitude = abs(value)
-        if magnitude >= _BIG or magnitude < _SMALLEST_NORMAL:
+def holds_float(value: Any) -> bool:
+    """Whether orjson gave any float: its value may be rounded (a double keeps about 16
+    digits, the text may have had 30; an integer beyond 64 bits comes as a float too), and
+    nothing in the float tells. Floats are rare in audit data."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is float:
             return True
-        mantissa = repr(magnitude).split("e")[0].replace(".", "").strip("0")
-        return len(mantissa) >= 16
-    if kind is dict:
-        return any(maybe_rounded(v) for v in value.values())
-    if kind is list:
-        return any(maybe_rounded(v) for v in value)
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
     return False
 
 
@@ -232,8 +226,8 @@ def _parse(fields: Mapping[bytes, bytes], *, exact: bool = False,
            ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The envelope document and its payload, checked once for what PostgreSQL refuses in
     any text: the record's strings need no check of their own afterwards. Parsed again
-    ``exact`` when event_data or event_metadata is a plain object with a number orjson
-    may have rounded (that object is re-serialized: base64 ones go as they came)."""
+    ``exact`` when event_data or event_metadata is a plain object holding a float, which
+    orjson may have rounded (that object is re-serialized: base64 ones go as they came)."""
     raw = fields.get(b"message")
     if raw is None:
         shown = sorted(k.decode("utf-8", "replace")[:40] for k in list(fields)[:10])
@@ -273,7 +267,7 @@ def _parse(fields: Mapping[bytes, bytes], *, exact: bool = False,
     # escape in a payload sent as a string shows in the envelope's text too).
     if _NUL_ESCAPE.search(raw):
         check_pg_safe(payload, "payload")
-    if not exact and any(type(v) is dict and maybe_rounded(v) for v in (
+    if not exact and any(type(v) is dict and holds_float(v) for v in (
             payload.get("event_data"), payload.get("event_metadata"))):
         return _parse(fields, exact=True)
     return doc, payload

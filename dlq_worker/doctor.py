@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dlq_worker import config as config_mod
+from dlq_worker import exitcodes
 from dlq_worker.config import Config
 from dlq_worker.errors import ConfigError, TransientError
 from dlq_worker.monitor import redis_durability, stream_stats
@@ -18,7 +19,7 @@ from dlq_worker.source import make_client, translated
 from dlq_worker.status import scan_streams
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
-EXIT = {PASS: 0, WARN: 1, FAIL: 2}
+EXIT = {PASS: exitcodes.OK, WARN: exitcodes.DOCTOR_WARN, FAIL: exitcodes.DOCTOR_FAIL}
 
 
 @dataclass
@@ -29,10 +30,11 @@ class Check:
     fix: str = ""
 
 
-def run_checks(config_path: str | None, overrides: dict[str, dict[str, Any]]) -> list[Check]:
+def run_checks(config_path: str | None, overrides: dict[str, dict[str, Any]],
+               platform_path: str | None = None) -> list[Check]:
     checks: list[Check] = []
     try:
-        cfg = config_mod.load(config_path, overrides=overrides)
+        cfg = config_mod.load(config_path, overrides=overrides, platform_path=platform_path)
     except ConfigError as exc:
         return [Check("config valid", FAIL, str(exc), "fix the key named above "
                       "(`dlq-worker check-config` shows the effective configuration)")]

@@ -4,9 +4,9 @@ Library errors (redis-py, SQLAlchemy/psycopg2) are translated where they enter
 (`source.py`, `sink.py`), so the loop reasons only in these terms::
 
     DlqWorkerError
-    ├── ConfigError              bad configuration: one line naming the key; exit 2
-    ├── StartupError             a server could not be reached at start; exit 3
-    ├── NotFound                 an operator named a stream, ID or entry that is not there; exit 4
+    ├── ConfigError              bad configuration: one line naming the key; exit 3
+    ├── StartupError             a server could not be reached at start; exit 4
+    ├── NotFound                 an operator named a stream, ID or entry that is not there; exit 5
     ├── StreamGone               a DLQ stream (or its group) vanished: forget it, rediscover
     ├── RedisCommandError        Redis answered with an error no retry cures (WRONGTYPE, a
     │                            script error): contained to its entry, retried slowly

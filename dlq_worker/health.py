@@ -41,6 +41,7 @@ class Health:
     _groups_missing: list[str] = field(default_factory=list)
     _warnings: list[str] = field(default_factory=list)
     _started: bool = False
+    _paused: str = ""
 
     def beat(self) -> None:
         with self._lock:
@@ -69,6 +70,12 @@ class Health:
         with self._lock:
             self._groups_missing = list(streams)
 
+    def set_paused(self, description: str) -> None:
+        """Paused by an operator ('' when not): shown, and while paused a failing
+        PostgreSQL (maintenance, the reason to pause) is a warning, not unreadiness."""
+        with self._lock:
+            self._paused = description
+
     def set_warnings(self, warnings: list[str]) -> None:
         with self._lock:
             self._warnings = list(warnings)
@@ -92,12 +99,18 @@ class Health:
             for name in SERVERS:
                 if name not in self._checked:
                     reasons.append(f"{name}: not checked yet")
+            warnings = []
+            if self._paused:
+                warnings.append(self._paused)
             for (name, _), state in self._servers.items():
                 if state.failing_since is not None and (
                     now - state.failing_since >= self.unready_after
                 ):
-                    reasons.append(f"{name}: {state.reason}")
+                    if self._paused and name == "postgres":
+                        warnings.append(f"{name} (while paused): {state.reason}")
+                    else:
+                        reasons.append(f"{name}: {state.reason}")
             if self._groups_missing:
                 reasons.append("group missing on: " + ", ".join(self._groups_missing[:5]))
-            warnings = list(self._warnings)
+            warnings += self._warnings
         return not reasons, reasons, warnings

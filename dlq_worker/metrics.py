@@ -119,6 +119,12 @@ class Metrics:
         self.streams_unknown = Gauge(f"{p}_streams_unknown",
                                      "Streams under the prefix that no route names.",
                                      registry=r)
+        self.paused = Gauge(f"{p}_paused",
+                            "1 while an operator has paused this consumer group "
+                            "(dlq-worker pause), else 0.", registry=r)
+        self.paused_since = Gauge(f"{p}_paused_since_seconds",
+                                  "Unix time the current pause began (kept in Redis across "
+                                  "restarts), 0 when not paused.", registry=r)
         self.in_hand = Gauge(f"{p}_entries_in_hand",
                              "Entries read and not yet acknowledged by this worker.", registry=r)
 
@@ -136,6 +142,10 @@ class Metrics:
                                 ["stream"], registry=r)
         self.consumers = Gauge(f"{p}_stream_consumers", "Consumers in the group.",
                                ["stream"], registry=r)
+        self.dead_letter_oldest_age = Gauge(
+            f"{p}_dead_letter_oldest_age_seconds",
+            "Age of the oldest parked entry of a DLQ stream's dead-letter stream (since it was "
+            "parked), 0 when none.", ["stream"], registry=r)
         self.dead_letter_depth = Gauge(f"{p}_dead_letter_depth",
                                        "Entries parked in the dead-letter stream.",
                                        ["stream"], registry=r)

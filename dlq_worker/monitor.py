@@ -41,14 +41,16 @@ local function get(t, name)
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local first = get(info, 'first-entry')
-local out = {get(info, 'length'), first and first[1] or false, redis.call('XLEN', KEYS[2]), 0}
+local parked = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local out = {get(info, 'length'), first and first[1] or false, redis.call('XLEN', KEYS[2]), 0,
+             parked[1] and parked[1][1] or false}
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if get(g, 'name') == ARGV[1] then
     out[4] = 1
-    out[5] = get(g, 'pending')
-    out[6] = get(g, 'lag')
-    out[7] = get(g, 'consumers')
-    out[8] = false
+    out[6] = get(g, 'pending')
+    out[7] = get(g, 'lag')
+    out[8] = get(g, 'consumers')
+    out[9] = false
     local limit = tonumber(ARGV[2])
     -- every pending entry is one to walk: more than the limit, and the walk is skipped
     -- pcall: at maxmemory the SET is refused; then skip the walk, keep the figures
@@ -57,10 +59,10 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
       local ok = redis.pcall('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3])
       mine = type(ok) == 'table' and ok['ok'] ~= nil
     end
-    if out[6] and out[5] < limit and mine then
+    if out[7] and out[6] < limit and mine then
       local seen = #redis.call('XRANGE', KEYS[1], '-', get(g, 'last-delivered-id'),
                                'COUNT', limit)
-      if seen < limit then out[8] = seen end
+      if seen < limit then out[9] = seen end
     end
   end
 end
@@ -101,6 +103,8 @@ class StreamStats:
     #: Entries added that the group never read and that are gone (trimmed), since the
     #: group was created; None where Redis cannot tell (older than 7.0, tombstones).
     lost_unread: int | None = None
+    #: Since the oldest parked entry was parked (its dead-letter ID is that time).
+    dead_letter_oldest_age_seconds: float | None = None
 
 
 @dataclass
@@ -130,15 +134,12 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
                                  SNAPSHOT_WALK_LIMIT, max(0, check_interval_ms))
     depth, first_id, dead_depth, has_group = (int(reply[0]), reply[1], int(reply[2]),
                                               bool(reply[3]))
-    oldest = None
-    if first_id:
-        ms = int(_text(first_id).split("-", 1)[0])
-        oldest = max(0.0, time.time() - ms / 1000.0)
     stats = StreamStats(stream=stream, depth=depth, pending=None, lag=None,
-                        oldest_age_seconds=oldest, consumers=0, group_exists=has_group,
-                        dead_letter_depth=dead_depth)
+                        oldest_age_seconds=_age_of(first_id), consumers=0,
+                        group_exists=has_group, dead_letter_depth=dead_depth,
+                        dead_letter_oldest_age_seconds=_age_of(reply[4]))
     if has_group:
-        pending, lag, consumers, delivered_present = reply[4], reply[5], reply[6], reply[7]
+        pending, lag, consumers, delivered_present = reply[5], reply[6], reply[7], reply[8]
         stats.pending = int(pending)
         stats.lag = _int_or_none(lag)
         stats.consumers = int(consumers)
@@ -147,6 +148,14 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
             # ones still present are the stream minus those at or before last-delivered-id.
             stats.lost_unread = max(0, stats.lag - (depth - int(delivered_present)))
     return stats
+
+
+def _age_of(entry_id: Any) -> float | None:
+    """Seconds since a stream entry ID's time."""
+    if not entry_id:
+        return None
+    ms = int(_text(entry_id).split("-", 1)[0])
+    return max(0.0, time.time() - ms / 1000.0)
 
 
 def redis_durability(client: redis.Redis, memory_limit_bytes: int | None = None) -> RedisDurability:
@@ -269,6 +278,7 @@ class Monitor:
         m.oldest_age.labels(s.stream).set(s.oldest_age_seconds or 0.0)
         m.consumers.labels(s.stream).set(s.consumers)
         m.dead_letter_depth.labels(s.stream).set(s.dead_letter_depth)
+        m.dead_letter_oldest_age.labels(s.stream).set(s.dead_letter_oldest_age_seconds or 0.0)
         if s.lost_unread is not None:
             with translated(f"HSET {LOST_KEY}"):
                 new = int(self._raise_lost(keys=[LOST_KEY], args=[s.stream, s.lost_unread]))

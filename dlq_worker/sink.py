@@ -73,8 +73,9 @@ class WriteResult:
 
 def database_url(config: DatabaseConfig) -> URL:
     query: dict[str, str] = {"sslmode": config.sslmode}
-    if config.sslrootcert:
-        query["sslrootcert"] = config.sslrootcert
+    for name in ("sslrootcert", "sslcert", "sslkey"):
+        if getattr(config, name):
+            query[name] = getattr(config, name)
     return URL.create(
         "postgresql+psycopg2",
         username=config.user,

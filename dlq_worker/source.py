@@ -90,6 +90,15 @@ redis.call('HDEL', KEYS[2], KEYS[1])
 return 1
 """
 
+#: Creates a routed stream that does not exist yet, empty, with its group (KEDA's trigger on
+#: a stream needs the stream and the group); an existing stream is left to discovery.
+_CREATE_ROUTED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+redis.call('HDEL', KEYS[2], KEYS[1])
+return 1
+"""
+
 #: Redis errors that mean "not now" rather than "never": the server is loading, busy,
 #: failing over or out of memory. Every other error reply is a RedisCommandError.
 _TRANSIENT_REPLIES = frozenset({"LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN",
@@ -137,6 +146,9 @@ def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Red
         kwargs["ssl"] = True
         if config.tls_ca_file:
             kwargs["ssl_ca_certs"] = config.tls_ca_file
+        if config.tls_cert_file:
+            kwargs["ssl_certfile"] = config.tls_cert_file
+            kwargs["ssl_keyfile"] = config.tls_key_file or None
     return redis.Redis(
         host=config.host,
         port=config.port,
@@ -202,6 +214,7 @@ class Source:
         self._claim_own = self.client.register_script(_CLAIM_OWN)
         self._touch = self.client.register_script(_TOUCH)
         self._create_group = self.client.register_script(_CREATE_GROUP)
+        self._create_routed = self.client.register_script(_CREATE_ROUTED)
 
     def close(self) -> None:
         self.client.close()
@@ -238,6 +251,21 @@ class Source:
     def _exists(self, stream: str) -> bool:
         with translated(f"EXISTS {stream}"):
             return bool(self.client.exists(stream))
+
+    def create_routed(self) -> list[str]:
+        """Create every routed stream that does not exist, empty, with the group; the
+        streams created."""
+        created = []
+        for name in sorted(self.streams_config.routes):
+            stream = self.streams_config.prefix + name
+            with translated(f"XGROUP CREATE {stream} MKSTREAM", stream):
+                if self._create_routed(keys=[stream, LOST_KEY], args=[self.group]):
+                    created.append(stream)
+        if created:
+            log.info("created the routed streams that did not exist, with their group",
+                     extra={"event": "streams_created", "streams": created,
+                            "group": self.group})
+        return created
 
     def ensure_group(self, stream: str) -> bool:
         """Create the group at ID 0 (never ``$``: that would skip the backlog). True if created.
@@ -315,6 +343,37 @@ class Source:
                     on_lost([_text(i) for i in reply[2]])
                 if cursor == "0-0" or len(claimed) >= count:
                     break
+        return claimed
+
+    def claim_from(self, stream: str, consumers: Sequence[str], min_idle_seconds: float,
+                   count: int, on_lost: Callable[[list[str]], None]) -> list[Entry]:
+        """Claim up to ``count`` entries pending on these (dead) consumers and idle at least
+        ``min_idle_seconds``. XCLAIM's own idle check makes two replicas racing for one
+        entry safe: the first claim resets its idle time, the second then skips it. An
+        entry that is pending but deleted from the stream is dropped from the pending list
+        by XCLAIM: ``on_lost`` hears of it."""
+        claimed: list[Entry] = []
+        idle_ms = int(min_idle_seconds * 1000)
+        with translated(f"XCLAIM {stream}", stream):
+            for consumer in consumers:
+                if len(claimed) >= count:
+                    break
+                pending: Any = self.client.xpending_range(
+                    stream, self.group, min="-", max="+", count=count - len(claimed),
+                    consumername=consumer, idle=idle_ms)
+                ids = [_text(p["message_id"]) for p in pending]
+                if not ids:
+                    continue
+                reply: Any = self.client.xclaim(stream, self.group, self.consumer, idle_ms,
+                                                list[Any](ids))
+                got = {_text(i): fields for i, fields in reply if i is not None}
+                claimed += [Entry(stream, i, got[i] or {}) for i in ids if i in got]
+                missing = [i for i in ids if i not in got]
+                # Not claimed: another replica was first (still pending), or deleted.
+                lost = [i for i in missing if not self.client.xpending_range(
+                    stream, self.group, min=i, max=i, count=1)]
+                if lost:
+                    on_lost(lost)
         return claimed
 
     def claim_own(self, stream: str, ids: Sequence[str],

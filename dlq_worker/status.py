@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from dlq_worker import control
 from dlq_worker.config import Config
 from dlq_worker.decode import AUDIT_EVENTS, decode_entry, decode_envelope
 from dlq_worker.errors import DecodeError, NotFound
@@ -75,9 +76,12 @@ def gather_status(client: redis.Redis, config: Config,
         })
         streams.append(row)
     durability = redis_durability(client)
+    with translated("HGETALL"):
+        paused = control.read_pause(client, config.streams.group)
     result: dict[str, Any] = {
         "redis_db": config.redis.db,
         "group": config.streams.group,
+        "paused": None if paused is None else paused.as_dict(),
         "streams": streams,
         "unknown_streams": unknown,
         "redis": asdict(durability),
@@ -86,6 +90,13 @@ def gather_status(client: redis.Redis, config: Config,
     if metrics_url:
         result["worker"] = worker_counters(metrics_url)
     return result
+
+
+def _pause_line(paused: dict[str, Any]) -> str:
+    pause = control.Pause(paused["reason"], paused["by"], paused["since"])
+    return (f"PAUSED for {_age(paused['seconds'])}: {pause.describe()} "
+            "(every replica finishes what it holds and takes nothing new; "
+            "`dlq-worker resume` to go on)")
 
 
 def worker_counters(url: str) -> dict[str, float] | dict[str, str]:
@@ -107,6 +118,9 @@ def worker_counters(url: str) -> dict[str, float] | dict[str, str]:
 
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"Redis db {status['redis_db']}, group {status['group']}", ""]
+    paused = status.get("paused")
+    if paused:
+        lines[-1:] = [_pause_line(paused), ""]
     header = (f"{'STREAM':<28} {'TABLE':<19} {'DEPTH':>7} {'CAP%':>6} {'PENDING':>8} "
               f"{'LAG':>7} {'OLDEST':>9} {'PARKED':>7} {'LOST':>6}")
     lines.append(header)

@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import redis
 import tenacity
 
+from dlq_worker import control
 from dlq_worker.config import Config
 from dlq_worker.decode import MAX_ENVELOPE_BYTES
 from dlq_worker.errors import (
@@ -29,6 +31,7 @@ from dlq_worker.errors import (
 )
 from dlq_worker.flush import Flusher, internal_error
 from dlq_worker.health import Health
+from dlq_worker.heartbeat import Heartbeat
 from dlq_worker.metrics import Metrics
 from dlq_worker.policy import BatchPolicy, transient_wait
 from dlq_worker.sink import Sink
@@ -48,8 +51,10 @@ class Worker:
         metrics: Metrics,
         health: Health,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.config = config
+        self.heartbeat = heartbeat
         self.source = source
         self.sink = sink
         self.metrics = metrics
@@ -72,6 +77,7 @@ class Worker:
         self._next_discover = 0.0
         self._next_claim = 0.0
         self._next_cleanup = 0.0
+        self._next_takeover = 0.0
         self.flusher = Flusher(config, source, sink, metrics, self._with_retry,
                                self._retry_due, lambda s: self.streams.get(s, ""), clock,
                                remaining=self._remaining)
@@ -81,6 +87,9 @@ class Worker:
         self._touched_at = 0.0
         #: Servers whose failure the loop reported and has not yet seen recover.
         self._failing: set[str] = set()
+        #: The group's pause, as last read from Redis, and when it was read (monotonic).
+        self._pause: control.Pause | None = None
+        self._pause_read_at = float("-inf")
 
     # -- lifecycle --
 
@@ -103,6 +112,8 @@ class Worker:
         log.info("worker started", extra={"event": "started", "consumer": self.source.consumer,
                                           "group": self.source.group})
         try:
+            if self.config.streams.create_routed:
+                self._with_retry(self.source.create_routed)
             self._with_retry(self.discover)
         except TransientError:
             if not self.stopping:
@@ -143,12 +154,22 @@ class Worker:
         self._sleep(min(float(self.config.worker.backoff_max),
                         float(self.config.worker.backoff_initial) * 2 ** min(failures, 10)))
 
+    #: How often the pause key is read: a pause takes effect within one poll.
+    pause_poll = 0.25
+
     def step(self) -> None:
         """One turn of the loop."""
         self.health.beat()
         now = self.clock()
         self.metrics.heartbeat.set_to_current_time()
         try:
+            if self._paused(now):
+                # Finish what is held (written and acknowledged, or left pending if a
+                # server is down); take nothing new: no read, no claim, no retry.
+                if self._in_hand or self.flusher.inflight is not None:
+                    self.flush()
+                self._sleep(self.pause_poll)
+                return
             self._housekeeping(now)
             if self.stopping:
                 return
@@ -167,6 +188,29 @@ class Worker:
                 self.flusher.finish()  # nothing new to overlap with: acknowledge it now
         except StreamGone as exc:
             self._forget(exc.streams)
+
+    def _paused(self, now: float) -> bool:
+        """Whether an operator has paused this group (read at most every pause_poll; if
+        Redis does not answer, the last known state holds and the loop finds out why)."""
+        if now - self._pause_read_at < self.pause_poll:
+            return self._pause is not None
+        self._pause_read_at = now
+        try:
+            found = control.read_pause(self.source.client, self.source.group)
+        except redis.RedisError:
+            return self._pause is not None
+        if (found is None) != (self._pause is None):
+            if found is not None:
+                log.warning("paused by an operator: finishing what is held, taking nothing new",
+                            extra={"event": "paused", "reason": found.reason, "by": found.by,
+                                   "entries_in_hand": len(self.held())})
+            else:
+                log.warning("resumed by an operator", extra={"event": "resumed"})
+        self._pause = found
+        self.metrics.paused.set(0 if found is None else 1)
+        self.metrics.paused_since.set(0 if found is None else found.since)
+        self.health.set_paused("" if found is None else found.describe())
+        return found is not None
 
     def _forget(self, streams: list[str]) -> None:
         """A stream or its group vanished: stop reading it until discovery finds it again
@@ -299,6 +343,9 @@ class Worker:
         if now >= self._next_claim:
             self._with_retry(self.claim_idle)
             self._next_claim = now + float(w.claim_interval)
+        if self.heartbeat is not None and now >= self._next_takeover:
+            self._with_retry(self.take_over_dead)
+            self._next_takeover = now + self.heartbeat.interval
         if now >= self._next_cleanup:
             self._with_retry(self.cleanup_consumers)
             self._next_cleanup = now + max(60.0, float(w.claim_interval) * 4)
@@ -318,20 +365,42 @@ class Worker:
                 entries = self._sized(self.source.autoclaim(
                     stream, float(self.config.worker.claim_idle), room,
                     lambda ids, s=stream: self.flusher.lost(s, ids, "XAUTOCLAIM")))  # type: ignore[misc]
-                held = self.held()
-                fresh = [e for e in entries if (e.stream, e.id) not in held]
-                for entry in fresh:
-                    # One of ours waiting for its retry: XAUTOCLAIM just delivered it again
-                    # (its count went up), so this is that retry, now.
-                    self._retry_due.pop((entry.stream, entry.id), None)
-                if fresh:
-                    self.metrics.claimed.labels(stream).inc(len(fresh))
-                    log.info("claimed entries from idle consumers",
-                             extra={"event": "claimed", "stream": stream,
-                                    "entries": len(fresh)})
-                    self._take(fresh)
+                self._take_claimed(stream, entries, "claimed entries from idle consumers")
                 if len(entries) < room:
                     break
+
+    def take_over_dead(self) -> None:
+        """Claim at once what consumers whose heartbeat stopped were holding (see
+        heartbeat.py); a consumer still beating is never claimed from."""
+        assert self.heartbeat is not None
+        dead = self.heartbeat.dead_consumers()
+        if not dead:
+            return
+        after = float(self.config.worker.takeover_after)
+        for stream in list(self.streams):
+            room = self.policy.room(len(self._in_hand), self._bytes_in_hand, self._entry_size)
+            if room == 0:
+                return
+            entries = self._sized(self.source.claim_from(
+                stream, dead, after, room,
+                lambda ids, s=stream: self.flusher.lost(s, ids, "XCLAIM")))  # type: ignore[misc]
+            self._take_claimed(stream, entries,
+                               "took over entries of consumers whose heartbeat stopped",
+                               consumers=dead)
+
+    def _take_claimed(self, stream: str, entries: list[Entry], message: str,
+                      **facts: object) -> None:
+        held = self.held()
+        fresh = [e for e in entries if (e.stream, e.id) not in held]
+        for entry in fresh:
+            # One of ours waiting for its retry: the claim just delivered it again (its
+            # count went up), so this is that retry, now.
+            self._retry_due.pop((entry.stream, entry.id), None)
+        if fresh:
+            self.metrics.claimed.labels(stream).inc(len(fresh))
+            log.info(message, extra={"event": "claimed", "stream": stream,
+                                     "entries": len(fresh), **facts})
+            self._take(fresh)
 
     def cleanup_consumers(self) -> None:
         for stream in list(self.streams):
@@ -434,11 +503,18 @@ class Worker:
             self._keep_in_hand()
         wait = state.upcoming_sleep
         n = state.attempt_number
-        if n > 4 and n & (n - 1) and n % 64:
-            return  # attempts 1, 2, 4, 8... then every 64th: an outage is not a log flood
+        if not _logged_attempt(n):
+            return  # attempts 1-4, then powers of two, then every 64th: no log flood
+        previous = next(m for m in range(n - 1, -1, -1) if m == 0 or _logged_attempt(m))
         log.warning(
-            f"{server} unavailable; retrying",
+            f"{server} unavailable; retrying ({n - previous} attempt"
+            f"{'s' if n - previous > 1 else ''} since the last such line)",
             extra={"event": "transient", "server": server, "error": str(exc),
-                   "attempt": state.attempt_number, "retry_in_seconds": round(wait, 3),
-                   "entries_in_hand": len(self._in_hand)},
+                   "attempt": n, "attempts_summarized": n - previous,
+                   "retry_in_seconds": round(wait, 3), "entries_in_hand": len(self._in_hand)},
         )
+
+
+def _logged_attempt(n: int) -> bool:
+    """Which retry attempts of one outage are logged: 1-4, powers of two, every 64th."""
+    return n <= 4 or not n & (n - 1) or n % 64 == 0

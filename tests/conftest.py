@@ -37,7 +37,7 @@ FAST: dict[str, dict[str, Any]] = {
         "reject_retry_initial": "200ms", "reject_retry_max": "500ms",
         "backoff_initial": "50ms", "backoff_max": "500ms", "unready_after": "1s",
         "stats_interval": "300ms", "shutdown_timeout": "10s", "consumer_idle_delete": "1h",
-        "systemic_retry_max": "1s",
+        "systemic_retry_max": "1s", "takeover_after": "1s",
     },
     "streams": {"discover_interval": "300ms"},
     "http": {"host": "127.0.0.1", "port": 0},

@@ -242,7 +242,7 @@ def test_tampering_is_caught_by_go_and_by_verify_chain(bed: Bed, start_worker: A
     (report,) = go_verify(verifier, bed.engine)
     assert not report["is_valid"] and len(report["tampered_events"]) == 1
     cli = _verify_chain(bed, "rr-tamper")
-    assert cli.returncode == 1
+    assert cli.returncode == 8
     assert report["tampered_events"][0]["event_id"] in cli.stdout
     assert "tampered" in cli.stdout
 

@@ -147,16 +147,88 @@ def test_keda_scales_on_group_lag_with_authentication() -> None:
     scaled = kind(docs, "ScaledObject")
     assert "replicas" not in kind(docs, "Deployment")["spec"]
     triggers = scaled["spec"]["triggers"]
-    assert [t["metadata"]["stream"] for t in triggers] == ["audit:dlq:events",
-                                                           "audit:dlq:notifications"]
+    # one trigger per routed stream: none routed in config is missing from the scaler
+    assert [t["metadata"]["stream"] for t in triggers] == ["audit:dlq:audit-v2",
+                                                           "audit:dlq:events"]
     meta = triggers[0]["metadata"]
     assert meta["consumerGroup"] == "dlq-worker" and meta["lagCount"] == "500"
     assert meta["databaseIndex"] == "1" and meta["enableTLS"] == "true"
     assert meta["address"] == "redis.kubernaut-system.svc.cluster.local:6380"
     auth = kind(docs, "TriggerAuthentication")
     assert auth["spec"]["secretTargetRef"] == [
-        {"parameter": "password", "name": "dlq-credentials", "key": "redis-password"}]
+        {"parameter": "password", "name": "dlq-credentials", "key": "redis-password"},
+        {"parameter": "ca", "name": "redis-ca", "key": "ca.crt"},
+        {"parameter": "cert", "name": "redis-ca", "key": "tls.crt"},
+        {"parameter": "key", "name": "redis-ca", "key": "tls.key"}]
     assert triggers[0]["authenticationRef"]["name"] == auth["metadata"]["name"]
+
+
+def test_keda_triggers_default_to_the_workers_routes() -> None:
+    docs = render("--set", "keda.enabled=true")
+    streams = [t["metadata"]["stream"] for t in kind(docs, "ScaledObject")["spec"]["triggers"]]
+    assert streams == [f"audit:dlq:{name}" for name in
+                       sorted(config_mod.StreamsConfig().routes)]
+
+
+def test_every_new_option_renders_where_it_belongs() -> None:
+    docs = render("-f", str(CHART / "ci" / "all-values.yaml"))
+    deployment = kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"].startswith("registry.example/dlq-worker@sha256:")
+    assert all(d["metadata"]["labels"]["team"] == "audit" for d in docs)
+    assert pod["metadata"]["annotations"]["example.com/owner"] == "audit"
+    assert container["envFrom"] == [{"configMapRef": {"name": "more-env"}}]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DLQ_WORKER_PLATFORM_CONFIG"] == "/etc/dlq-worker/platform/config.yaml"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["redis-ca"] == "/etc/dlq-worker/tls"
+    assert mounts["platform-config"] == "/etc/dlq-worker/platform"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["platform-config"]["configMap"]["name"] == "datastorage-config"
+    assert volumes["redis-ca"]["secret"]["secretName"] == "redis-ca"
+    policy = kind(docs, "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert [rule["ports"][0]["port"] for rule in policy["egress"]] == [6379, 5432, 53]
+    assert policy["egress"][0]["to"][0]["podSelector"]["matchLabels"] == {"app": "redis"}
+    # helm test: doctor with the worker's config, secrets and platform config, not
+    # selected by the worker's Service
+    test_pod = next(d for d in docs if d["kind"] == "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    spec = test_pod["spec"]["containers"][0]
+    assert spec["args"][:1] == ["doctor"] and "--fail-on" in spec["args"]
+    assert spec["env"] == container["env"] and spec["volumeMounts"] == container["volumeMounts"]
+    service = kind(docs, "Service")["spec"]["selector"]
+    assert not all(test_pod["metadata"]["labels"].get(k) == v for k, v in service.items())
+
+
+def test_chart_readme_values_table_matches_values_yaml() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    table = readme.split("## Values", 1)[1].split("\n## ", 1)[0]
+    documented: set[str] = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            cell = line.split("|")[1]
+            documented |= {k.strip("` ") for k in cell.split(",") if k.strip().startswith("`")}
+
+    def resolves(key: str) -> bool:
+        node: Any = values
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    def leaves(node: Any, prefix: str = "") -> list[str]:
+        if isinstance(node, dict) and node:
+            return [leaf for k, v in node.items() for leaf in leaves(v, f"{prefix}{k}.")]
+        return [prefix.rstrip(".")]
+
+    assert sorted(k for k in documented if not resolves(k)) == [], "documented, not in values"
+    undocumented = [leaf for leaf in leaves(values)
+                    if not any(leaf == k or leaf.startswith(k + ".") for k in documented)]
+    assert undocumented == [], "in values.yaml, not in the README's table"
 
 
 def test_prometheus_rule_is_the_tested_rule_file() -> None:

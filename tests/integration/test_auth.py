@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,19 @@ REDIS_USER = "dlq-worker"
 
 
 class AuthServers:
-    def __init__(self, root: Path) -> None:
-        self.redis = RedisProcess(root / "redis", appendonly=False).start()
+    """Both servers requiring passwords; with ``tls`` (a directory of trustme files, see
+    test_tls.py) both also speak TLS: Redis on a TLS port that requires a client
+    certificate, PostgreSQL with ssl on and non-TLS connections of the worker's role
+    refused."""
+
+    def __init__(self, root: Path, tls: Path | None = None) -> None:
+        self.tls = tls
+        self.tls_port = free_port()
+        tls_args = [] if tls is None else [
+            "--tls-port", str(self.tls_port), "--tls-cert-file", str(tls / "server.pem"),
+            "--tls-key-file", str(tls / "server.key"), "--tls-ca-cert-file", str(tls / "ca.pem"),
+            "--tls-auth-clients", "yes"]
+        self.redis = RedisProcess(root / "redis", appendonly=False, extra_args=tls_args).start()
         admin = redis.Redis(port=self.redis.port)
         admin.execute_command("ACL", "SETUSER", REDIS_USER, "on", f">{REDIS_PASSWORD}",
                               "~*", "&*", "+@all")
@@ -60,7 +72,21 @@ class AuthServers:
             cur.execute("GRANT USAGE ON SEQUENCE notification_audit_id_seq TO slm_user")
             cur.execute("GRANT CREATE ON SCHEMA public TO slm_user")
             hba = Path(self.pg.datadir) / "pg_hba.conf"
-            hba.write_text("host all slm_user 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+            rules = "host all slm_user 127.0.0.1/32 scram-sha-256\n"
+            if tls is not None:
+                rules = ("hostnossl all slm_user 127.0.0.1/32 reject\n"
+                         "hostssl all slm_user 127.0.0.1/32 scram-sha-256\n")
+                for name in ("server.pem", "server.key"):
+                    target = Path(self.pg.datadir) / name
+                    target.write_bytes((tls / name).read_bytes())
+                    target.chmod(0o600)
+                    if self.pg.user:
+                        entry = pwd.getpwnam(self.pg.user)
+                        os.chown(target, entry.pw_uid, entry.pw_gid)
+                cur.execute("ALTER SYSTEM SET ssl_cert_file = 'server.pem'")
+                cur.execute("ALTER SYSTEM SET ssl_key_file = 'server.key'")
+                cur.execute("ALTER SYSTEM SET ssl = on")
+            hba.write_text(rules + hba.read_text())
             cur.execute("SELECT pg_reload_conf()")
         conn.close()
 
@@ -69,11 +95,20 @@ class AuthServers:
                            password=REDIS_PASSWORD)
 
     def env(self, redis_password: str = REDIS_PASSWORD, pg_password: str = PG_PASSWORD,
-            ) -> dict[str, str]:
-        return {"REDIS_ADDR": f"127.0.0.1:{self.redis.port}", "REDIS_DB": "1",
-                "REDIS_USERNAME": REDIS_USER, "REDIS_PASSWORD": redis_password,
-                "DB_HOST": "127.0.0.1", "DB_PORT": str(self.pg.port), "DB_USER": "slm_user",
-                "DB_PASSWORD": pg_password, "DB_NAME": "action_history"}
+            ca: Path | None = None) -> dict[str, str]:
+        env = {"REDIS_ADDR": f"127.0.0.1:{self.redis.port}", "REDIS_DB": "1",
+               "REDIS_USERNAME": REDIS_USER, "REDIS_PASSWORD": redis_password,
+               "DB_HOST": "127.0.0.1", "DB_PORT": str(self.pg.port), "DB_USER": "slm_user",
+               "DB_PASSWORD": pg_password, "DB_NAME": "action_history"}
+        if self.tls is not None:
+            ca = ca or self.tls / "ca.pem"
+            env.update({
+                "REDIS_ADDR": f"rediss://127.0.0.1:{self.tls_port}",
+                "DLQ_WORKER_REDIS_TLS_CA_FILE": str(ca),
+                "DLQ_WORKER_REDIS_TLS_CERT_FILE": str(self.tls / "client.pem"),
+                "DLQ_WORKER_REDIS_TLS_KEY_FILE": str(self.tls / "client.key"),
+                "DB_SSLMODE": "verify-full", "DLQ_WORKER_DATABASE_SSLROOTCERT": str(ca)})
+        return env
 
     def close(self) -> None:
         self.pg.kill()
@@ -161,7 +196,7 @@ def test_wrong_password_is_a_clear_error_without_the_secret(
                             text=True, timeout=60, check=False,
                             env={**os.environ, **env, "DLQ_WORKER_LOG_FORMAT": "json"})
     if wrong == "redis":
-        assert result.returncode == 3
+        assert result.returncode == 4
         assert result.stderr.count("\n") == 1 and expected in result.stderr
     _no_secret(result.stdout, result.stderr)
     assert bad not in result.stdout + result.stderr

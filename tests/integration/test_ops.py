@@ -63,8 +63,16 @@ def test_status_json_matches_xlen_and_xpending(bed: Bed, start_worker: Any) -> N
     assert events["dead_letter_depth"] == bed.client.xlen(DEAD) == 3
     assert events["depth_ratio"] == pytest.approx(50 / 10000)
     assert {c["name"] for c in events["consumers"]} >= {"someone"}
-    assert by_stream[NOTIFICATIONS]["group_exists"] is False
-    assert by_stream[NOTIFICATIONS]["depth"] == 7
+    # every routed stream was created with its group when the worker started, before any
+    # record arrived (KEDA's trigger needs both)
+    assert by_stream[NOTIFICATIONS]["group_exists"] is True
+    assert by_stream[NOTIFICATIONS]["depth"] == by_stream[NOTIFICATIONS]["lag"] == 7
+    assert by_stream["audit:dlq:notification"]["depth"] == 0
+    # a stream whose group is gone says so
+    bed.client.xgroup_destroy(NOTIFICATIONS, GROUP)
+    doc = json.loads(cli(bed, "status", "--json").stdout)
+    gone = next(s for s in doc["streams"] if s["stream"] == NOTIFICATIONS)
+    assert gone["group_exists"] is False and gone["depth"] == 7
     assert any(w.startswith("persistence") for w in doc["redis"]["warnings"])
 
     table = cli(bed, "status")
@@ -104,7 +112,7 @@ def test_replay_by_reason_and_purge(bed: Bed, start_worker: Any) -> None:
         ms = int(e["original_id"].split("-")[0])
         assert e["first_failed_at"][:19] == dt.datetime.fromtimestamp(
             ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    assert "in trouble since 20" in cli(bed, "dead-letter", "list").stdout
+    assert "first failed 20" in cli(bed, "dead-letter", "list").stdout
 
     shown = cli(bed, "dead-letter", "show", listed[0]["id"], "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["reason"] == listed[0]["reason"]
@@ -117,7 +125,7 @@ def test_replay_by_reason_and_purge(bed: Bed, start_worker: Any) -> None:
     assert refused.returncode == 2 and bed.client.xlen(DEAD) == 2
 
     not_parked = cli(bed, "dead-letter", "purge", "--id", "1-0", "--yes")
-    assert not_parked.returncode == 4 and "not parked" in not_parked.stderr
+    assert not_parked.returncode == 5 and "not parked" in not_parked.stderr
 
     purged = cli(bed, "dead-letter", "purge", "--error-class", "DecodeError", "--yes")
     assert purged.returncode == 0
@@ -141,9 +149,10 @@ def test_peek_decodes_for_humans_and_redacts_sensitive(bed: Bed) -> None:
 
 
 @pytest.mark.parametrize(("args", "code", "fragment"), [
-    (("peek", "nope"), 4, "no stream 'nope'"),
-    (("peek", "events", "--from", "yesterday"), 4, "is not a stream entry ID"),
-    (("dead-letter", "show", "12-0"), 4, "no parked entry"),
+    (("peek", "nope"), 5, "no stream 'nope'"),
+    (("peek", "events", "--from", "yesterday"), 5, "is not a stream entry ID"),
+    (("dead-letter", "show", "12-0"), 5, "no parked entry"),
+    (("status", "--bogus"), 2, "No such option"),
 ])
 def test_bad_input_gets_a_clear_answer(bed: Bed, args: tuple[str, ...], code: int,
                                        fragment: str) -> None:
@@ -153,10 +162,10 @@ def test_bad_input_gets_a_clear_answer(bed: Bed, args: tuple[str, ...], code: in
     assert fragment in result.stderr and "Traceback" not in result.stderr
 
 
-def test_redis_down_is_exit_3() -> None:
+def test_redis_down_is_exit_4() -> None:
     result = cli(None, "status", env={"REDIS_ADDR": f"127.0.0.1:{free_port()}",
                                       "REDIS_PASSWORD": "pw-not-shown"})
-    assert result.returncode == 3 and "unavailable" in result.stderr
+    assert result.returncode == 4 and "unavailable" in result.stderr
     assert "pw-not-shown" not in result.stderr and "Traceback" not in result.stderr
 
 
@@ -164,7 +173,7 @@ def test_doctor(bed: Bed, start_worker: Any) -> None:
     backlog_with_parked(bed, start_worker)
     result = cli(bed, "doctor")
     print("\n" + result.stdout)
-    assert result.returncode == 1  # warnings: no persistence here, parked entries
+    assert result.returncode == 6  # warnings: no persistence here, parked entries
     assert "[warn] persistence on" in result.stdout
     assert "[warn] no parked entries: 3 parked" in result.stdout
     assert "[pass] tables present" in result.stdout
@@ -172,12 +181,12 @@ def test_doctor(bed: Bed, start_worker: Any) -> None:
 
     down = cli(bed, "doctor", "--json", env={"DB_PORT": str(free_port())})
     doc = json.loads(down.stdout)
-    assert down.returncode == 2 and doc["status"] == "fail"
+    assert down.returncode == 7 and doc["status"] == "fail"
     failing = [c for c in doc["checks"] if c["status"] == "fail"]
     assert failing[0]["name"] == "postgresql reachable" and failing[0]["fix"]
 
     bad = cli(bed, "doctor", env={"DLQ_WORKER_WORKER_BATCH_SIZE": "zero"})
-    assert bad.returncode == 2 and "[FAIL] config valid" in bad.stdout
+    assert bad.returncode == 7 and "[FAIL] config valid" in bad.stdout
 
 
 def test_move_to_another_redis_is_resumable(bed: Bed, servers: Any, start_worker: Any) -> None:
@@ -271,3 +280,54 @@ def test_write_or_enqueue_falls_back_when_postgres_fails(bed: Bed) -> None:
     assert bed.count("audit_events") == 1
     dead_db.dispose()
     assert producer.go_timestamp().endswith("Z")
+
+
+def test_dead_letter_ageing_time_filters_paging_and_purge_older_than(bed: Bed) -> None:
+    # Given entries parked 10 days, 5 days (another type), 2 days and 1 hour ago (a parked
+    # entry's ID is the time it was parked)
+    now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+    day = 86_400_000
+    parked = {"10d": (DEAD, now_ms - 10 * day), "5d": ("audit:dead-letter:notifications",
+                                                        now_ms - 5 * day),
+              "2d": (DEAD, now_ms - 2 * day), "1h": (DEAD, now_ms - 3_600_000)}
+    ids = {}
+    for name, (stream, ms) in parked.items():
+        ids[name] = bed.client.xadd(stream, {
+            "original_stream": stream.replace("dead-letter", "dlq"), "original_id": f"{ms}-0",
+            "reason": "bad_json", "error_class": "DecodeError", "error": "message is not JSON",
+            "final_retry_count": "1", "message": "{"}, id=f"{ms}-0").decode()
+
+    def listed(*args: str) -> list[str]:
+        result = cli(bed, "dead-letter", "list", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return [e["id"] for e in json.loads(result.stdout)]
+
+    # Then every listing is oldest first, across both dead-letter streams
+    assert listed() == [ids["10d"], ids["5d"], ids["2d"], ids["1h"]]
+    assert listed("--since", "3d") == [ids["2d"], ids["1h"]]
+    assert listed("--until", "3d") == [ids["10d"], ids["5d"]]
+    since = dt.datetime.fromtimestamp((now_ms - 6 * day) / 1000, dt.UTC).isoformat()
+    assert listed("--since", since, "--until", "1d") == [ids["5d"], ids["2d"]]
+    # And pages follow one another with --after, the listing saying when there are more
+    first = cli(bed, "dead-letter", "list", "--count", "3")
+    assert f"--after {ids['2d']}" in first.stderr
+    assert ids["1h"] not in first.stdout and "parked 20" in first.stdout
+    assert listed("--count", "3", "--after", ids["2d"]) == [ids["1h"]]
+    assert "more:" not in cli(bed, "dead-letter", "list", "--count", "3", "--after",
+                              ids["2d"]).stderr
+
+    # And the age of the oldest parked entry is measured: what `status` shows and the
+    # worker's gauge (dlq_worker_dead_letter_oldest_age_seconds) reads
+    bed.client.xadd(EVENTS, {"message": b"{}"})  # its DLQ stream exists
+    status = json.loads(cli(bed, "status", "--json").stdout)
+    events = next(s for s in status["streams"] if s["stream"] == EVENTS)
+    assert 9.9 * 86400 < events["dead_letter_oldest_age_seconds"] < 10.1 * 86400
+
+    # When the old ones are purged: only with --yes, only those parked before the cutoff
+    refused = cli(bed, "dead-letter", "purge", "--older-than", "4d")
+    assert refused.returncode == 2 and "2 parked entries selected" in refused.stderr
+    done = cli(bed, "dead-letter", "purge", "--older-than", "4d", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert listed() == [ids["2d"], ids["1h"]]
+    bad = cli(bed, "dead-letter", "purge", "--older-than", "last week", "--yes")
+    assert bad.returncode == 2 and "--older-than" in bad.stderr

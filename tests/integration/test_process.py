@@ -154,20 +154,20 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           text=True, env=env, timeout=60, check=False)
 
 
-def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Any) -> None:
+def test_run_with_bad_config_exits_3_with_one_line(tmp_path: Any) -> None:
     path = tmp_path / "worker.yaml"
     path.write_text("worker:\n  batch_sise: 10\n")
     result = _cli("run", "-c", str(path), env={"PATH": "/usr/bin:/bin"})
-    assert result.returncode == 2
+    assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "worker.batch_sise" in lines[0] and "worker.batch_size" in lines[0]
     assert "Traceback" not in result.stderr
 
 
-def test_db_init_against_unreachable_server_exits_3() -> None:
+def test_db_init_against_unreachable_server_exits_4() -> None:
     result = _cli("db", "init", "--db-port", str(free_port()), "--db-host", "127.0.0.1",
                   env={"PATH": "/usr/bin:/bin", "DB_PASSWORD": "hunter2-secret"})
-    assert result.returncode == 3
+    assert result.returncode == 4
     assert "startup failed" in result.stderr
     assert "hunter2-secret" not in result.stderr + result.stdout

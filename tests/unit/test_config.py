@@ -15,8 +15,9 @@ from dlq_worker.errors import ConfigError
 
 
 def load(env: dict[str, str] | None = None, path: Path | None = None,
-         **overrides: Any) -> Config:
-    return config_mod.load(path, env=env or {}, overrides=overrides or None)
+         platform_path: Path | None = None, **overrides: Any) -> Config:
+    return config_mod.load(path, env=env or {}, overrides=overrides or None,
+                           platform_path=platform_path)
 
 
 def test_defaults_follow_the_design() -> None:
@@ -129,7 +130,7 @@ def test_check_config_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr("sys.argv", ["dlq-worker", "check-config", "-c", str(bad)])
     with pytest.raises(SystemExit) as exit_info:
         main()
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 3
     assert "unknown key 'http.prot'" in capsys.readouterr().err
 
 
@@ -159,3 +160,51 @@ def test_a_secret_in_a_range_error_is_never_shown() -> None:
     with pytest.raises(ConfigError) as err:
         load({"DLQ_WORKER_DATABASE_HASH_CHAIN": "hmac"})
     assert "'database.hash_chain_key'" in str(err.value) and "got" not in str(err.value)
+
+
+PLATFORM_EXAMPLE = Path(__file__).parents[1] / "data" / "datastorage-config.yaml"
+
+
+def test_the_platforms_config_file_is_read_as_it_is() -> None:
+    # Given the platform's own ConfigMap file, with its sections the worker has no use for
+    cfg = load({}, platform_path=PLATFORM_EXAMPLE)
+    # Then the worker takes what it needs from it, and nothing else
+    assert (cfg.database.host, cfg.database.port) == (
+        "postgresql.kubernaut-system.svc.cluster.local", 5432)
+    assert (cfg.database.name, cfg.database.user, cfg.database.sslmode) == (
+        "action_history", "slm_user", "require")
+    assert (cfg.redis.host, cfg.redis.port, cfg.redis.db) == (
+        "redis.kubernaut-system.svc.cluster.local", 6379, 1)
+    assert (cfg.streams.prefix, cfg.streams.max_length) == ("audit:dlq:", 10000)
+    assert cfg.database.password == ""  # passwords stay in the worker's own Secret
+
+
+def test_the_platform_config_is_the_lowest_layer(tmp_path: Path) -> None:
+    own = tmp_path / "worker.yaml"
+    own.write_text("database:\n  host: db.override\n")
+    cfg = load({"REDIS_DB": "2", "DLQ_WORKER_PLATFORM_CONFIG": str(PLATFORM_EXAMPLE)}, own)
+    assert cfg.database.host == "db.override"  # worker.yaml beats the platform's file
+    assert cfg.redis.db == 2  # the environment too
+    assert cfg.database.user == "slm_user"  # the rest comes from the platform's file
+
+
+def test_the_platforms_file_given_as_the_workers_own_gets_a_pointer() -> None:
+    with pytest.raises(ConfigError) as err:
+        load({}, PLATFORM_EXAMPLE)
+    assert "--platform-config" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_bad_value_in_the_platforms_file_names_where_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "platform.yaml"
+    path.write_text("redis:\n  addr: redis:6379\n  dlq:\n    max_length: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load({}, platform_path=path)
+    assert str(err.value) == (f"{path} (platform config 'redis.dlq.max_length'): "
+                              "'streams.max_length' expects an integer, got 'lots'")
+
+
+def test_check_config_takes_the_platforms_file() -> None:
+    result = CliRunner().invoke(cli, ["check-config", "--platform-config", str(PLATFORM_EXAMPLE),
+                                      "--show"])
+    assert result.exit_code == 0, result.output
+    assert '"host": "postgresql.kubernaut-system.svc.cluster.local"' in result.output

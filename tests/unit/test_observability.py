@@ -67,3 +67,11 @@ def test_chart_schema_knows_every_worker_setting() -> None:
     for name, cls in config_mod._SECTIONS.items():
         keys = {f.name for f in dataclasses.fields(cls)} - {k for s, k in owned if s == name}
         assert set(sections[name]["properties"]) == keys, name
+
+
+def test_readme_exit_code_table_is_the_code_table() -> None:
+    from dlq_worker import exitcodes
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", readme, flags=re.MULTILINE))
+    assert {int(k): v for k, v in rows.items()} == exitcodes.TABLE
+    assert len(set(exitcodes.TABLE)) == len(exitcodes.TABLE)

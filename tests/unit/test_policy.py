@@ -178,3 +178,12 @@ def test_a_rejection_is_signed_with_the_logical_table_not_its_partition() -> Non
     # Then rows on both sides of a month's end share one signature
     assert isinstance(august, RejectedError) and isinstance(september, RejectedError)
     assert august.signature == september.signature == "23502 audit_events tenant"
+
+
+def test_retry_log_lines_thin_out_and_together_count_every_attempt() -> None:
+    from dlq_worker.worker import _logged_attempt
+    logged = [n for n in range(1, 201) if _logged_attempt(n)]
+    assert logged == [1, 2, 3, 4, 8, 16, 32, 64, 128, 192]
+    # each line says how many attempts it stands for; together they count all of them
+    summarized = [n - p for p, n in zip([0, *logged], logged, strict=False)]
+    assert sum(summarized) == logged[-1]

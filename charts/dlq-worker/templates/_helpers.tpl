@@ -35,6 +35,113 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: worker
 app.kubernetes.io/part-of: audit
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The image: by digest when one is given, else by tag. */}}
+{{- define "dlq-worker.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+{{- end }}
+
+{{/* The worker container's env, shared by the Deployment and the `helm test` Pod. */}}
+{{- define "dlq-worker.env" -}}
+{{- $secret := include "dlq-worker.secretName" . }}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- if and $secret .Values.auth.redisPasswordKey }}
+- name: REDIS_PASSWORD_FILE
+  value: /etc/dlq-worker/secrets/{{ .Values.auth.redisPasswordKey }}
+{{- end }}
+{{- if and $secret .Values.auth.databasePasswordKey }}
+- name: DB_PASSWORD_FILE
+  value: /etc/dlq-worker/secrets/{{ .Values.auth.databasePasswordKey }}
+{{- end }}
+{{- if and .Values.auth.existingSecret .Values.auth.hashChainKeyKey }}
+- name: DLQ_WORKER_DATABASE_HASH_CHAIN_KEY_FILE
+  value: /etc/dlq-worker/secrets/{{ .Values.auth.hashChainKeyKey }}
+{{- end }}
+{{- if .Values.platformConfig.configMapName }}
+- name: DLQ_WORKER_PLATFORM_CONFIG
+  value: /etc/dlq-worker/platform/{{ .Values.platformConfig.key }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The worker container's volume mounts. */}}
+{{- define "dlq-worker.volumeMounts" -}}
+- name: config
+  mountPath: /etc/dlq-worker/worker.yaml
+  subPath: worker.yaml
+  readOnly: true
+{{- if include "dlq-worker.secretName" . }}
+- name: secrets
+  mountPath: /etc/dlq-worker/secrets
+  readOnly: true
+{{- end }}
+{{- if .Values.platformConfig.configMapName }}
+- name: platform-config
+  mountPath: /etc/dlq-worker/platform
+  readOnly: true
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The pod's volumes. */}}
+{{- define "dlq-worker.volumes" -}}
+{{- $secret := include "dlq-worker.secretName" . }}
+- name: config
+  configMap:
+    name: {{ include "dlq-worker.fullname" . }}
+{{- if $secret }}
+- name: secrets
+  secret:
+    secretName: {{ $secret }}
+    defaultMode: 0400
+{{- end }}
+{{- if .Values.platformConfig.configMapName }}
+- name: platform-config
+  configMap:
+    name: {{ .Values.platformConfig.configMapName }}
+    items:
+      - key: {{ .Values.platformConfig.key }}
+        path: {{ .Values.platformConfig.key }}
+{{- end }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 16Mi
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Every routed DLQ stream (config.streams.routes, else the worker's defaults). */}}
+{{- define "dlq-worker.routedStreams" -}}
+{{- $prefix := dig "streams" "prefix" "audit:dlq:" .Values.config }}
+{{- $defaults := dict "events" "audit_events" "notifications" "notification_audit" "notification" "notification_audit" }}
+{{- $routes := dig "streams" "routes" $defaults .Values.config }}
+{{- range $name := keys $routes | sortAlpha }}
+- {{ printf "%s%s" $prefix $name | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The Redis port (from redis.addr; 6379 when it names none). */}}
+{{- define "dlq-worker.redisPort" -}}
+{{- $found := regexFind ":[0-9]+$" (include "dlq-worker.redisAddress" .) }}
+{{- if $found }}{{ trimPrefix ":" $found }}{{ else }}6379{{ end }}
 {{- end }}
 
 {{- define "dlq-worker.serviceAccountName" -}}
