@@ -57,6 +57,23 @@ class RedisConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     socket_timeout: Duration = Duration(5.0)
+    #: Redis behind Sentinel: the sentinels as ``host:port,host:port``, and the name they
+    #: know the master by. The master's address then comes from them (addr is not used),
+    #: and a failover is followed by itself.
+    sentinels: str = ""
+    master_name: str = ""
+
+    @property
+    def sentinel_addrs(self) -> list[tuple[str, int]]:
+        addrs = []
+        for item in (a.strip() for a in self.sentinels.split(",")):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 or "@" in item:
+                raise ConfigError(f"'redis.sentinels' expects host:port,host:port, got "
+                                  f"{item[:40]!r}" if "@" not in item else
+                                  "'redis.sentinels': credentials are not accepted there")
+            addrs.append((host, int(port)))
+        return addrs
 
     @property
     def host(self) -> str:
@@ -343,6 +360,10 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
     )
     _split_addr(r.addr)
     _check(r.db >= 0, "redis.db", "a database number >= 0")
+    if r.sentinels:
+        r.sentinel_addrs  # noqa: B018 - each must parse as host:port
+        _check(bool(r.master_name), "redis.master_name",
+               "the master's name as the sentinels know it (redis.sentinels is set)")
     _check(1 <= d.port <= 65535, "database.port", "a port between 1 and 65535")
     _check(d.sslmode in _SSLMODES, "database.sslmode", f"one of {', '.join(sorted(_SSLMODES))}")
     _check(d.hash_chain in _CHAIN_MODES, "database.hash_chain",

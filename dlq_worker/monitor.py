@@ -80,11 +80,22 @@ LOCK_PREFIX = "dlq-worker:trim-check:"
 _RAISE_LOST = """
 local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
 local new = tonumber(ARGV[2])
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  if old >= 0 then
+    if new > old then redis.call('HSET', KEYS[1], ARGV[1], new) end
+    return -1
+  end
+end
 if new <= old then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], new)
 if old < 0 then return new end
 return new - old
 """
+#: The Redis server (run_id) each stream's trimmed-unread count was last taken on. A new
+#: one is a failover or a restart: a promoted replica's group read counter (entries-read)
+#: is not the old master's, so the first count there is a new baseline, never a loss.
+RUN_ID_KEY = "dlq-worker:trimmed-unread:run-id"
 
 
 MEMORY_WARN_RATIO = 0.9
@@ -201,6 +212,8 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
         self._raise_lost = self.client.register_script(_RAISE_LOST)
+        #: The Redis server this poll talks to (its run_id): see RUN_ID_KEY.
+        self._run_id = ""
         self._durability_logged: set[str] = set()
         metrics.retention.set(float(config.streams.ttl))
 
@@ -250,6 +263,11 @@ class Monitor:
     def poll(self) -> None:
         """Refresh every stream's gauges and the durability warnings."""
         missing: list[str] = []
+        try:
+            info: Any = self.client.info("server")
+            self._run_id = str(info.get("run_id", ""))
+        except Exception as exc:
+            log.debug("INFO server failed", extra={"error": str(exc)})
         for stream in self.streams():
             try:  # a failed poll must not end the thread
                 stats = stream_stats(self.client, self.config, stream, check_interval_ms=max(
@@ -281,8 +299,16 @@ class Monitor:
         m.dead_letter_oldest_age.labels(s.stream).set(s.dead_letter_oldest_age_seconds or 0.0)
         if s.lost_unread is not None:
             with translated(f"HSET {LOST_KEY}"):
-                new = int(self._raise_lost(keys=[LOST_KEY], args=[s.stream, s.lost_unread]))
-            if new:
+                new = int(self._raise_lost(keys=[LOST_KEY, RUN_ID_KEY],
+                                           args=[s.stream, s.lost_unread, self._run_id]))
+            if new == -1:
+                # Not reported as a loss, not silent either: the figure is in the log.
+                log.warning("Redis is a different server than at the last count (a failover "
+                            "or a restart): its group read counter is not the old one's, so "
+                            "the trimmed-unread count starts again from here",
+                            extra={"event": "trim_baseline_reset", "stream": s.stream,
+                                   "run_id": self._run_id, "count_here": s.lost_unread})
+            elif new:
                 m.trimmed_unread.labels(s.stream).inc(new)
                 log.error("AUDIT LOSS: entries trimmed from the DLQ before the group read them",
                           extra={"event": "trimmed_unread", "stream": s.stream, "entries": new,

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from dlq_worker.config import Config, RedisConfig
 from dlq_worker.errors import RedisCommandError, RedisUnavailable, StartupError, StreamGone
@@ -149,9 +150,7 @@ def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Red
         if config.tls_cert_file:
             kwargs["ssl_certfile"] = config.tls_cert_file
             kwargs["ssl_keyfile"] = config.tls_key_file or None
-    return redis.Redis(
-        host=config.host,
-        port=config.port,
+    common: dict[str, Any] = dict(
         db=config.db,
         username=config.username or None,
         password=config.password or None,
@@ -163,6 +162,17 @@ def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Red
         client_name="dlq-worker",
         **kwargs,
     )
+    if config.sentinels:
+        # redis-py asks the sentinels for the master at every new connection and drops its
+        # connections when the master it knew turns read-only: a failover is followed by
+        # the loop's own retries. The sentinels speak TLS too when the data nodes do.
+        sentinel = Sentinel(config.sentinel_addrs, sentinel_kwargs={  # type: ignore[no-untyped-call]
+            "socket_timeout": float(config.socket_timeout),
+            "socket_connect_timeout": float(config.socket_timeout), **kwargs})
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            config.master_name, **common)
+        return master
+    return redis.Redis(host=config.host, port=config.port, **common)
 
 
 #: Replies that mean "this stream or its group does not exist", not "Redis is down".

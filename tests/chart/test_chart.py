@@ -163,6 +163,17 @@ def test_keda_scales_on_group_lag_with_authentication() -> None:
     assert triggers[0]["authenticationRef"]["name"] == auth["metadata"]["name"]
 
 
+def test_keda_follows_the_sentinels_when_the_worker_does() -> None:
+    docs = render("--set", "keda.enabled=true", "--set",
+                  "config.redis.sentinels=s1:26379\\,s2:26379",
+                  "--set", "config.redis.master_name=dlq")
+    trigger = kind(docs, "ScaledObject")["spec"]["triggers"][0]
+    assert trigger["type"] == "redis-sentinel-streams"
+    assert trigger["metadata"]["addresses"] == "s1:26379,s2:26379"
+    assert trigger["metadata"]["sentinelMaster"] == "dlq"
+    assert "address" not in trigger["metadata"]
+
+
 def test_keda_triggers_default_to_the_workers_routes() -> None:
     docs = render("--set", "keda.enabled=true")
     streams = [t["metadata"]["stream"] for t in kind(docs, "ScaledObject")["spec"]["triggers"]]

@@ -208,3 +208,15 @@ def test_check_config_takes_the_platforms_file() -> None:
                                       "--show"])
     assert result.exit_code == 0, result.output
     assert '"host": "postgresql.kubernaut-system.svc.cluster.local"' in result.output
+
+
+def test_sentinels_and_their_errors() -> None:
+    cfg = load({"DLQ_WORKER_REDIS_SENTINELS": "s1:26379, s2:26380",
+                "DLQ_WORKER_REDIS_MASTER_NAME": "dlq"})
+    assert cfg.redis.sentinel_addrs == [("s1", 26379), ("s2", 26380)]
+    with pytest.raises(ConfigError) as err:
+        load({"DLQ_WORKER_REDIS_SENTINELS": "s1:26379"})
+    assert "'redis.master_name'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load({"DLQ_WORKER_REDIS_SENTINELS": "s1", "DLQ_WORKER_REDIS_MASTER_NAME": "dlq"})
+    assert "'redis.sentinels' expects host:port" in str(err.value)
