@@ -24,7 +24,9 @@ from dlq_worker.embedded import PostgresProcess, RedisProcess
 def run_demo(entries: int, poison: int, keep: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix="dlq-demo-"))
     root.chmod(0o755)  # the PostgreSQL cluster may belong to another OS user
-    redis_server = RedisProcess(root / "redis", appendonly=False)
+    # AOF on, as production's should be: the worker would rightly warn about a Redis that
+    # keeps nothing on disk.
+    redis_server = RedisProcess(root / "redis", appendonly=True)
     postgres = PostgresProcess(root / "pg")
     try:
         click.echo(f"starting throwaway Redis and PostgreSQL in {root} ...")
@@ -63,6 +65,10 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
         pipe.execute()
         click.echo(f"produced {n_events} audit events and {n_notes} notification records "
                    f"in the contract's wire format, plus {poison} malformed entries")
+        if poison:
+            click.echo(f"the {poison} malformed entries are planted: the worker parks each in "
+                       "the dead-letter stream with its reason, so the ERROR lines below are "
+                       "expected")
 
         thread = threading.Thread(target=app.run, name="worker", daemon=True)
         started = time.monotonic()
@@ -93,7 +99,9 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
 
         assert app.http is not None
         base = f"http://127.0.0.1:{app.http.port}"
-        click.echo(f"endpoints: {base}/healthz {base}/readyz {base}/metrics")
+        click.echo(f"endpoints: {base}/healthz {base}/readyz {base}/metrics"
+                   + ("" if keep else " (they stop with the demo: `dlq-worker demo --keep` "
+                      "keeps the servers and the endpoints up until Ctrl-C)"))
         with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:  # noqa: S310
             body = resp.read().decode()
         click.echo("selected metrics:")

@@ -163,6 +163,34 @@ def test_keda_scales_on_group_lag_with_authentication() -> None:
     assert triggers[0]["authenticationRef"]["name"] == auth["metadata"]["name"]
 
 
+def test_alert_thresholds_durations_and_switches_come_from_values() -> None:
+    docs = render("--namespace", "audit", "--set", "prometheusRule.enabled=true",
+                  "--set", "prometheusRule.rules.AuditDLQDepthHigh.threshold=500",
+                  "--set", "prometheusRule.rules.AuditDLQDepthHigh.for=10m",
+                  "--set", "prometheusRule.rules.AuditDLQStuckForDays.severity=page",
+                  "--set", "prometheusRule.rules.AuditDLQEntriesParked.enabled=false",
+                  "--set", "prometheusRule.additionalRuleLabels.team=audit")
+    rules = {r["alert"]: r for r in kind(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    depth = rules["AuditDLQDepthHigh"]
+    assert depth["expr"].endswith("> 500") and depth["for"] == "10m"
+    assert rules["AuditDLQStuckForDays"]["labels"] == {"severity": "page", "team": "audit"}
+    assert "AuditDLQEntriesParked" not in rules
+    assert all(r["labels"]["team"] == "audit" for r in rules.values())
+    assert 'namespace="audit"' in rules["AuditDLQWorkerDown"]["expr"]
+    # the others are the tested file's, untouched
+    source = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    near = next(r for r in source["groups"][0]["rules"] if r["alert"] == "AuditDLQNearCap")
+    assert rules["AuditDLQNearCap"]["expr"] == near["expr"]
+
+
+def test_an_unknown_alert_or_a_threshold_it_cannot_take_is_refused() -> None:
+    assert "no such alert" in render_error("--set", "prometheusRule.enabled=true", "--set",
+                                           "prometheusRule.rules.AuditDLQDepthHihg.for=1m")
+    assert "does not end in a comparison" in render_error(
+        "--set", "prometheusRule.enabled=true",
+        "--set", "prometheusRule.rules.AuditDLQStalled.threshold=3")
+
+
 def test_keda_follows_the_sentinels_when_the_worker_does() -> None:
     docs = render("--set", "keda.enabled=true", "--set",
                   "config.redis.sentinels=s1:26379\\,s2:26379",
@@ -247,10 +275,12 @@ def test_prometheus_rule_is_the_tested_rule_file() -> None:
     rule = kind(docs, "PrometheusRule")
     source = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
     rendered = rule["spec"]["groups"][0]["rules"]
-    assert [r["alert"] for r in rendered] == [r["alert"] for r in source["groups"][0]["rules"]]
+    # every rule of the tested file but the one all-values.yaml switches off
+    assert [r["alert"] for r in rendered] == [r["alert"] for r in source["groups"][0]["rules"]
+                                              if r["alert"] != "AuditDLQEntriesParked"]
     for r in rendered:
         assert r["annotations"]["runbook_url"].startswith("https://")
-        assert "DLQ_JOB" not in r["expr"]
+        assert "DLQ_JOB" not in r["expr"] and "DLQ_NAMESPACE" not in r["expr"]
     monitor = kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert kind(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1

@@ -75,3 +75,21 @@ def test_readme_exit_code_table_is_the_code_table() -> None:
     rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", readme, flags=re.MULTILINE))
     assert {int(k): v for k, v in rows.items()} == exitcodes.TABLE
     assert len(set(exitcodes.TABLE)) == len(exitcodes.TABLE)
+
+
+def test_every_dashboard_query_follows_the_namespace_and_job_variables() -> None:
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "namespace", "job"} <= variables
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            for selector in re.findall(r"\b(dlq_worker_[a-z_]+)(\{[^}]*\})?", target["expr"]):
+                assert 'namespace=~"$namespace"' in selector[1], target["expr"]
+                assert 'job=~"$job"' in selector[1], target["expr"]
+
+
+def test_alerts_keep_two_namespaces_apart() -> None:
+    for rule in alert_rules():
+        expr = str(rule["expr"])
+        for grouping in re.findall(r"\b(?:max|sum) by \(([^)]*)\)", expr):
+            assert "namespace" in grouping, (rule["alert"], expr)
