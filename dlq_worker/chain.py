@@ -176,9 +176,25 @@ def stored_view(values: Mapping[str, Any], event_data: Any,
     view["event_id"] = str(values["event_id"]).lower()
     view["parent_event_id"] = (None if values.get("parent_event_id") is None
                                else str(values["parent_event_id"]).lower())
-    view["event_data"] = event_data.value if isinstance(event_data, Jsonb) else event_data
+    data = event_data.value if isinstance(event_data, Jsonb) else event_data
+    view["event_data"] = data if gojson.plain(data) else _as_stored(data)
     view["actor_ip"] = actor_ip_text
     return view
+
+
+def _as_stored(value: Any) -> Any:
+    """A decoded jsonb value as PostgreSQL gives it back: its numeric has no negative zero
+    (-0.0 reads back as 0.0, which Go writes as 0, not -0)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _as_stored(v) for k, v in value.items()}
+    if kind is list:
+        return [_as_stored(v) for v in value]
+    if kind is float and value == 0:
+        return 0.0
+    if kind is Decimal and value == 0:
+        return Decimal(0)
+    return value
 
 
 def order_key(row: Mapping[str, Any]) -> tuple[dt.datetime, str]:

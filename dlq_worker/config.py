@@ -68,6 +68,7 @@ class RedisConfig:
         addrs = []
         for item in (a.strip() for a in self.sentinels.split(",")):
             host, _, port = item.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")  # [IPv6]:port
             if not host or not port.isdigit() or not 0 < int(port) < 65536 or "@" in item:
                 raise ConfigError(f"'redis.sentinels' expects host:port,host:port, got "
                                   f"{item[:40]!r}" if "@" not in item else

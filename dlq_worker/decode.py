@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import json
 import re
@@ -250,9 +251,10 @@ def _parse(fields: Mapping[bytes, bytes], *, exact: bool = False,
     if type(doc) is not dict:
         raise DecodeError("message is not a JSON object", reason="bad_envelope")
     payload = doc.get("payload")
-    if isinstance(payload, str):
+    payload_text = payload if isinstance(payload, str) else None
+    if payload_text is not None:
         try:
-            payload = _loads(payload, exact=exact)
+            payload = _loads(payload_text, exact=exact)
         except DecodeError:
             raise
         except ValueError as exc:
@@ -263,9 +265,10 @@ def _parse(fields: Mapping[bytes, bytes], *, exact: bool = False,
             raise DecodeError("payload nests too deeply", reason="bad_payload") from None
     if type(payload) is not dict:
         raise DecodeError("payload is missing or not a JSON object", reason="bad_payload")
-    # A NUL can only be in JSON text as an escape; without one, no value holds it (an
-    # escape in a payload sent as a string shows in the envelope's text too).
-    if _NUL_ESCAPE.search(raw):
+    # A NUL can only be in JSON text as an escape; without one in the text parsed at each
+    # level (the envelope, and a payload sent as a JSON string, whose own escapes may be
+    # escaped in the envelope: \u005cu0000), no value holds it.
+    if _NUL_ESCAPE.search(raw) or (payload_text is not None and "\\u0000" in payload_text):
         check_pg_safe(payload, "payload")
     if not exact and any(type(v) is dict and holds_float(v) for v in (
             payload.get("event_data"), payload.get("event_metadata"))):
@@ -286,11 +289,9 @@ def parse_timestamp(value: object, field: str) -> dt.datetime:
     year, month, day, hour, minute, second, frac, zone = m.groups()
     if zone == "Z" and value[10] == "T":
         # The producers' own form (Go's RFC3339Nano, UTC): parsed in C, digits past the
-        # sixth dropped as below.
-        try:
+        # sixth dropped as below; anything it refuses takes the general path below.
+        with contextlib.suppress(ValueError):
             return dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise DecodeError(f"{field}: not a valid date/time", reason="bad_timestamp") from None
     micros = int((frac or "0")[:6].ljust(6, "0"))
     try:
         if zone in ("Z", "z"):
@@ -413,7 +414,7 @@ def _int(p: Mapping[str, Any], name: str, *, required: bool = False) -> Any:
     value = _required(p, name) if required else p.get(name)
     if value is None:
         return None
-    if isinstance(value, float | Decimal) and value == int(value):
+    if _integral(value):
         value = int(value)
     if not _is_int(value):
         raise DecodeError(f"{name}: expected an integer", reason="bad_type")
@@ -480,6 +481,15 @@ def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> 
     # (orjson and the exact parser both refuse anything else), every digit as written,
     # however orjson rounded its copy of a number.
     return Jsonb(raw.decode(), doc)
+
+
+def _integral(value: object) -> bool:
+    """A float or Decimal (the exact parser's) holding a whole number; a Decimal only up to
+    a bigint's size (1e5000 is no integer column's value, and no 5,000-digit int is made)."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return (isinstance(value, Decimal) and value.is_finite()
+            and value == value.to_integral_value() and value.adjusted() < 19)
 
 
 def _is_int(value: object) -> bool:

@@ -127,7 +127,7 @@ def dumps_unmarshalled(value: Any) -> str:
     very same bytes, checked for the few characters Go escapes and orjson does not.
     Anything else goes through the full encoder. Raises ValueError for a number beyond
     float64 (Go's Unmarshal refuses it)."""
-    if _plain(value):
+    if plain(value):
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
         if not any(mark in out for mark in _GO_DIFFERS):
             return out.decode()
@@ -136,7 +136,7 @@ def dumps_unmarshalled(value: Any) -> str:
     return "".join(parts)
 
 
-def _plain(value: Any) -> bool:
+def plain(value: Any) -> bool:
     """Only strings, integers a float64 holds exactly, booleans, null, lists and maps."""
     stack = [value]
     while stack:

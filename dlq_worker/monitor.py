@@ -83,7 +83,7 @@ local new = tonumber(ARGV[2])
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
   if old >= 0 then
-    if new > old then redis.call('HSET', KEYS[1], ARGV[1], new) end
+    redis.call('HSET', KEYS[1], ARGV[1], new)
     return -1
   end
 end

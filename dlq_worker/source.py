@@ -66,6 +66,23 @@ if #r == 0 then return {'lost'} end
 return r
 """
 
+#: Takes over entries from a dead consumer (ARGV[4]), each only while it is still pending
+#: on that consumer and idle at least ARGV[3] ms, in one atomic step per call: two replicas
+#: taking over at once, or the owner acknowledging meanwhile, never see an entry twice.
+#: XCLAIM drops from the PEL an ID whose entry was deleted: those come back as lost, once.
+_CLAIM_FROM = """
+local claimed, lost = {}, {}
+for i = 5, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[i], ARGV[i], 1,
+                       ARGV[4])
+  if #p > 0 then
+    local r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[i])
+    if #r == 0 then lost[#lost + 1] = ARGV[i] else claimed[#claimed + 1] = r[1] end
+  end
+end
+return {claimed, lost}
+"""
+
 #: Resets the idle time of entries we hold (XCLAIM JUSTID), returning the IDs that were
 #: pending on us but whose entry is gone: XCLAIM drops those from the PEL without a word.
 _TOUCH = """
@@ -222,6 +239,7 @@ class Source:
         self._park = self.client.register_script(_PARK)
         self._delete_consumer = self.client.register_script(_DELETE_IDLE_CONSUMER)
         self._claim_own = self.client.register_script(_CLAIM_OWN)
+        self._claim_from = self.client.register_script(_CLAIM_FROM)
         self._touch = self.client.register_script(_TOUCH)
         self._create_group = self.client.register_script(_CREATE_GROUP)
         self._create_routed = self.client.register_script(_CREATE_ROUTED)
@@ -358,10 +376,8 @@ class Source:
     def claim_from(self, stream: str, consumers: Sequence[str], min_idle_seconds: float,
                    count: int, on_lost: Callable[[list[str]], None]) -> list[Entry]:
         """Claim up to ``count`` entries pending on these (dead) consumers and idle at least
-        ``min_idle_seconds``. XCLAIM's own idle check makes two replicas racing for one
-        entry safe: the first claim resets its idle time, the second then skips it. An
-        entry that is pending but deleted from the stream is dropped from the pending list
-        by XCLAIM: ``on_lost`` hears of it."""
+        ``min_idle_seconds`` (see _CLAIM_FROM). ``on_lost`` hears of each one that was
+        pending there and is deleted from the stream, as each call answers."""
         claimed: list[Entry] = []
         idle_ms = int(min_idle_seconds * 1000)
         with translated(f"XCLAIM {stream}", stream):
@@ -374,16 +390,14 @@ class Source:
                 ids = [_text(p["message_id"]) for p in pending]
                 if not ids:
                     continue
-                reply: Any = self.client.xclaim(stream, self.group, self.consumer, idle_ms,
-                                                list[Any](ids))
-                got = {_text(i): fields for i, fields in reply if i is not None}
-                claimed += [Entry(stream, i, got[i] or {}) for i in ids if i in got]
-                missing = [i for i in ids if i not in got]
-                # Not claimed: another replica was first (still pending), or deleted.
-                lost = [i for i in missing if not self.client.xpending_range(
-                    stream, self.group, min=i, max=i, count=1)]
+                reply: Any = self._claim_from(
+                    keys=[stream], args=[self.group, self.consumer, idle_ms, consumer, *ids])
+                got, lost = reply
                 if lost:
-                    on_lost(lost)
+                    on_lost([_text(i) for i in lost])
+                for raw_id, flat in got:
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                    claimed.append(Entry(stream, _text(raw_id), fields))
         return claimed
 
     def claim_own(self, stream: str, ids: Sequence[str],

@@ -65,7 +65,7 @@ def event(rng: random.Random, correlation: str, seconds: float) -> dict[str, Any
     record = samples.audit_event(rng, full=rng.random() < 0.3,
                                  when=BASE + dt.timedelta(seconds=seconds))
     record["correlation_id"] = correlation
-    record["event_data"]["numbers"] = [1, 2.5, 1e21, 1e-7, 0.1, 12345678901234567890]
+    record["event_data"]["numbers"] = [1, 2.5, 1e21, 1e-7, 0.1, 12345678901234567890, -0.0]
     record["event_data"]["html"] = "<b>&amp;</b> \u2028 é"
     return record
 

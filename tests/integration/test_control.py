@@ -174,3 +174,25 @@ def test_a_live_consumer_in_a_long_write_is_never_taken_over(bed: Bed,
     assert "took over" not in b.output()
     assert '"event": "claimed"' not in b.output()
     assert a.proc.poll() is None
+
+
+def test_taking_over_a_dead_consumer_counts_a_deleted_entry_lost_once(bed: Bed) -> None:
+    # Given three entries pending on a dead consumer, one of them deleted from the stream
+    from dlq_worker.source import Source
+    ids = [bed.xadd_raw(EVENTS, b"{}") for _ in range(3)]
+    bed.client.xgroup_create(EVENTS, GROUP, id="0")
+    bed.client.xreadgroup(GROUP, "dead", {EVENTS: ">"})
+    bed.client.xdel(EVENTS, ids[1])
+    time.sleep(0.2)
+    source = Source(bed.config(), "alive")
+    lost: list[str] = []
+    # When a live consumer takes its entries over (twice, as two replicas would)
+    first = source.claim_from(EVENTS, ["dead"], 0.1, 10, lost.extend)
+    second = source.claim_from(EVENTS, ["dead"], 0.1, 10, lost.extend)
+    source.close()
+    # Then the two entries still there are taken, and the deleted one is counted lost, once
+    assert sorted(e.id for e in first) == sorted([ids[0], ids[2]]) and second == []
+    assert lost == [ids[1]]
+    pending: Any = bed.client.xpending(EVENTS, GROUP)
+    assert pending["pending"] == 2 and pending["consumers"] == [
+        {"name": b"alive", "pending": 2}]

@@ -237,3 +237,23 @@ def test_entries_trimmed_while_in_hand_are_written_from_memory(owned: OwnedBed,
     assert parked[b"reason"] == b"value_too_long"
     assert worker.metric("dlq_worker_pending_deleted_total", stream=EVENTS) == 0
     assert owned.pending(EVENTS) == 0 and owned.depth(EVENTS) == 0
+
+
+def test_a_new_redis_server_restarts_the_trim_count_without_hiding_later_losses(
+        bed: Bed) -> None:
+    # Given a count of 100 entries trimmed unread, taken on one Redis server (run_id A)
+    from dlq_worker.monitor import _RAISE_LOST, RUN_ID_KEY
+    from dlq_worker.source import LOST_KEY
+    raise_lost = bed.client.register_script(_RAISE_LOST)
+
+    def count(run_id: str, lost_unread: int) -> int:
+        return int(raise_lost(keys=[LOST_KEY, RUN_ID_KEY], args=[EVENTS, lost_unread, run_id]))
+
+    assert count("A", 100) == 100
+    # When the server changes (a failover, a restart that recreated the group at 0): no loss
+    # is reported for the switch itself, it is a new baseline...
+    assert count("B", 0) == -1
+    # Then every entry trimmed after it is reported, once
+    assert count("B", 30) == 30
+    assert count("B", 90) == 60
+    assert count("B", 90) == 0

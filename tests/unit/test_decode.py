@@ -272,3 +272,34 @@ def test_envelope_timestamp_out_of_range_is_ignored_not_fatal() -> None:
     doc = json.loads(CONTRACT_EXAMPLE)
     doc["timestamp"] = "2026-08-22T18:08:56+25:00"
     assert decode_entry(AUDIT_EVENTS, entry(json.dumps(doc).encode())).key
+
+
+def test_a_nul_escaped_twice_in_a_payload_sent_as_a_string_is_caught() -> None:
+    # Given a payload sent as a JSON string whose own NUL escape has its backslash escaped
+    # as \u005c in the envelope (so the envelope's text shows no \u0000 at all)
+    record = samples.audit_event(random.Random(9))
+    inner = json.dumps({**record, "actor_id": "NUL"}).replace('"NUL"', '"\\u0000"')
+    outer = json.dumps({"type": "audit_event", "payload": inner})
+    outer = outer.replace("\\\\u0000", "\\u005cu0000")
+    assert "\\u0000" not in outer.replace("\\u005cu0000", "")
+    # Then it is refused before PostgreSQL, with its reason
+    with pytest.raises(DecodeError) as err:
+        decode_entry(AUDIT_EVENTS, entry(outer.encode()))
+    assert err.value.reason == "nul_character"
+
+
+def test_an_integer_field_of_five_thousand_digits_is_refused_at_decode() -> None:
+    # Given an integer field holding 1e5000 (parsed exactly, as a Decimal)
+    message = _event_with(retention_days="@").replace(b'"@"', b"1e5000")
+    # Then it is parked as the wrong type at once, never turned into a 5,001-digit int
+    with pytest.raises(DecodeError) as err:
+        decode_entry(AUDIT_EVENTS, entry(message))
+    assert err.value.reason == "bad_type"
+    # while an exactly parsed whole number still is one
+    exact = _event_with(retention_days="@", event_data={"f": 0.5}).replace(b'"@"', b"2555.0")
+    assert decode_entry(AUDIT_EVENTS, entry(exact)).values["retention_days"] == 2555
+
+
+def test_a_timestamp_followed_by_a_line_break_parses_as_before() -> None:
+    assert parse_timestamp("2026-08-22T18:08:55.5Z\n", "t") == dt.datetime(
+        2026, 8, 22, 18, 8, 55, 500000, tzinfo=dt.UTC)
