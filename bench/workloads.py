@@ -68,10 +68,9 @@ def ceiling(engine: Engine, batch: list[bytes]) -> dict[str, Any]:
         raw.commit()
     finally:
         raw.close()
-    seconds = time.perf_counter() - started
+    result = _rate(len(batch), started)
     engine.dispose()
-    return {"entries": len(batch), "seconds": round(seconds, 3),
-            "entries_per_second": round(len(batch) / seconds)}
+    return result
 
 
 #: The columns the worker writes for an audit event (the hash chain's excepted).
@@ -119,10 +118,9 @@ def plain_ceiling(engine: Engine, batch: list[bytes]) -> dict[str, Any]:
         raw.commit()
     finally:
         raw.close()
-    seconds = time.perf_counter() - started
+    result = _rate(len(batch), started)
     engine.dispose()
-    return {"entries": len(batch), "seconds": round(seconds, 3),
-            "entries_per_second": round(len(batch) / seconds)}
+    return result
 
 
 def naive(client: redis.Redis, engine: Engine, batch: list[bytes]) -> dict[str, Any]:
@@ -141,11 +139,16 @@ def naive(client: redis.Redis, engine: Engine, batch: list[bytes]) -> dict[str, 
             conn.execute(stmt, decode_entry(AUDIT_EVENTS, fields).values)
             conn.commit()
             client.xack(EVENTS, "naive", entry_id)
-    seconds = time.perf_counter() - started
     client.close()
+    result = _rate(len(batch), started)
     engine.dispose()
-    return {"entries": len(batch), "seconds": round(seconds, 3),
-            "entries_per_second": round(len(batch) / seconds)}
+    return result
+
+
+def _rate(entries: int, started: float) -> dict[str, Any]:
+    seconds = time.perf_counter() - started
+    return {"entries": entries, "seconds": round(seconds, 3),
+            "entries_per_second": round(entries / seconds)}
 
 
 def produce_at_rate(client: redis.Redis, rate: int, seconds: float) -> dict[str, float]:

@@ -59,8 +59,8 @@ def hashed_json(row: Mapping[str, Any], event_data_json: str | None = None) -> b
     as the platform's verifier reads them back (see ``stored_view``); ``event_data_json``
     is event_data already marshalled, if the caller has it.
 
-    Written out field by field, in the struct's declaration order (``hashed_json_struct``
-    is the same through the general encoder: the tests hold the two together)."""
+    Written out field by field, in the struct's declaration order (the tests hold it to
+    the same struct marshalled by the general encoder)."""
     s = gojson.string
     parent_id = row.get("parent_event_id")
     parent_date = row.get("parent_event_date")
@@ -107,48 +107,6 @@ _OMITEMPTY_BEFORE_DURATION = (("resource_type", "resource_type"),
 _OMITEMPTY_AFTER_DURATION = (("error_code", "error_code"), ("error_message", "error_message"),
                              ("actor_id", "actor_id"), ("actor_type", "actor_type"),
                              ("actor_ip", "actor_ip"))
-
-
-def hashed_json_struct(row: Mapping[str, Any]) -> bytes:
-    """``hashed_json`` through the general encoder: the Go struct as declared."""
-    g = gojson
-    parent_date = row.get("parent_event_date")
-    data = row.get("event_data")
-    return g.dumps(g.Struct([
-        g.Field("event_id", row["event_id"]),
-        g.Field("event_timestamp", g.Time(row["event_timestamp"])),
-        g.Field("event_date", None),
-        g.Field("event_type", row["event_type"]),
-        g.Field("version", row["event_version"]),
-        g.Field("event_category", row["event_category"]),
-        g.Field("event_action", row["event_action"]),
-        g.Field("event_outcome", row["event_outcome"]),
-        g.Field("correlation_id", row["correlation_id"]),
-        g.Field("parent_event_id", row.get("parent_event_id")),
-        g.Field("parent_event_date", None if parent_date is None else g.Time(
-            dt.datetime(parent_date.year, parent_date.month, parent_date.day, tzinfo=dt.UTC))),
-        g.Field("resource_type", row.get("resource_type") or "", omitempty=True),
-        g.Field("resource_id", row.get("resource_id") or "", omitempty=True),
-        g.Field("namespace", row.get("namespace") or "", omitempty=True),
-        g.Field("cluster_name", row.get("cluster_id") or "", omitempty=True),
-        g.Field("severity", row.get("severity") or "", omitempty=True),
-        g.Field("duration_ms", row.get("duration_ms") or 0, omitempty=True),
-        g.Field("error_code", row.get("error_code") or "", omitempty=True),
-        g.Field("error_message", row.get("error_message") or "", omitempty=True),
-        g.Field("actor_id", row.get("actor_id") or "", omitempty=True),
-        g.Field("actor_type", row.get("actor_type") or "", omitempty=True),
-        g.Field("actor_ip", row.get("actor_ip") or "", omitempty=True),
-        g.Field("retention_days", int(row["retention_days"])),
-        g.Field("is_sensitive", bool(row["is_sensitive"])),
-        g.Field("event_hash", ""),
-        g.Field("previous_event_hash", ""),
-        g.Field("hash_algorithm", "", omitempty=True),
-        g.Field("legal_hold", False),
-        g.Field("legal_hold_reason", ""),
-        g.Field("legal_hold_placed_by", ""),
-        g.Field("legal_hold_placed_at", None),
-        g.Field("event_data", None if data is None else g.go_value(data)),
-    ]))
 
 
 def event_hash(previous: str, payload: bytes, key: bytes | None) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import re
 import sys
 import time
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import click
 import redis
 
+from dlq_worker import config as config_mod
 from dlq_worker import control, exitcodes
 from dlq_worker import deadletter as dl
 from dlq_worker import doctor as doctor_mod
@@ -178,18 +178,14 @@ def _selection_options(func: Any) -> Any:
     return func
 
 
-_AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def _when_ms(text: str | None, option: str) -> int | None:
     """WHEN as Unix milliseconds: an RFC 3339 time, a date (midnight UTC), or a duration
     ago."""
     if text is None:
         return None
-    ago = _AGO.match(text)
-    if ago:
-        return int((time.time() - float(ago[1]) * _UNIT_SECONDS[ago[2]]) * 1000)
+    ago = config_mod.duration_seconds(text, unit_required=True)
+    if ago is not None:
+        return int((time.time() - ago) * 1000)
     try:
         moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -326,7 +322,7 @@ def dl_purge(config_path: str | None, ids: tuple[str, ...], stream: str | None,
     """
     selection = _selection(ids, stream, reason, error_class, since, until, everything)
     if older_than is not None:
-        if not _AGO.match(older_than):
+        if config_mod.duration_seconds(older_than, unit_required=True) is None:
             raise click.BadParameter(f"expects a duration (90d, 12h), got {older_than!r}",
                                      param_hint="--older-than")
         cutoff = _when_ms(older_than, "--older-than")

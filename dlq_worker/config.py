@@ -30,6 +30,15 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+def duration_seconds(text: str, *, unit_required: bool = False) -> float | None:
+    """``30s``, ``500ms``, ``168h``, ``7d`` (or a bare number of seconds, unless a unit is
+    required) in seconds; None if the text is not a duration."""
+    m = _DURATION.match(text)
+    if m is None or (unit_required and m[2] is None):
+        return None
+    return float(m[1]) * _UNITS[m[2]]
+
+
 class Duration(float):
     """Seconds; written as a number of seconds or with a unit: ``50ms``, ``30s``, ``168h``."""
 
@@ -549,9 +558,9 @@ def _coerce(where: str, type_name: Any, raw: Any) -> Any:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw >= 0:
             return Duration(float(raw))
         if isinstance(raw, str):
-            m = _DURATION.match(raw)
-            if m is not None:
-                return Duration(float(m[1]) * _UNITS[m[2]])
+            seconds = duration_seconds(raw)
+            if seconds is not None:
+                return Duration(seconds)
         raise ConfigError(
             f"{where} expects a duration such as 30s, 500ms, 168h or a number of seconds, "
             f"got {_show(raw)}"

@@ -91,13 +91,18 @@ def test_pause_holds_every_replica_survives_a_restart_and_resume_drains(
     assert '"event": "paused"' in logs and '"event": "resumed"' in logs
 
 
-def test_a_pause_lets_what_is_in_hand_finish(bed: Bed, start_worker: Any) -> None:
-    # Given a worker whose inserts take a while (a trigger sleeps), holding a batch
+def _slow_inserts(bed: Bed, seconds: float) -> None:
     with bed.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN "
-                             "PERFORM pg_sleep(1); RETURN NULL; END $$ LANGUAGE plpgsql")
+        conn.exec_driver_sql(f"CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN "
+                             f"PERFORM pg_sleep({seconds}); RETURN NULL; END $$ "
+                             "LANGUAGE plpgsql")
         conn.exec_driver_sql("CREATE TRIGGER slow AFTER INSERT ON audit_events "
                              "FOR EACH STATEMENT EXECUTE FUNCTION slow()")
+
+
+def test_a_pause_lets_what_is_in_hand_finish(bed: Bed, start_worker: Any) -> None:
+    # Given a worker whose inserts take a while (a trigger sleeps), holding a batch
+    _slow_inserts(bed, 1)
     worker = start_worker()
     bed.produce_events(20)
     wait_until(lambda: bed.pending(EVENTS) == 20, 10, "taken")
@@ -113,15 +118,6 @@ def test_a_pause_lets_what_is_in_hand_finish(bed: Bed, start_worker: Any) -> Non
     assert worker.metric("dlq_worker_paused") == 1
     control.resume(bed.client, GROUP)
     wait_until(lambda: bed.drained(EVENTS) and bed.count("audit_events") == 25, 15, "drained")
-
-
-def _slow_inserts(bed: Bed, seconds: float) -> None:
-    with bed.engine.begin() as conn:
-        conn.exec_driver_sql(f"CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN "
-                             f"PERFORM pg_sleep({seconds}); RETURN NULL; END $$ "
-                             "LANGUAGE plpgsql")
-        conn.exec_driver_sql("CREATE TRIGGER slow AFTER INSERT ON audit_events "
-                             "FOR EACH STATEMENT EXECUTE FUNCTION slow()")
 
 
 def _pending_on(bed: Bed) -> dict[str, int]:
