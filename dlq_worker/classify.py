@@ -22,6 +22,7 @@ _NO_PARTITION = "no partition of relation"
 _REASONS = {
     "23502": "not_null_violation",
     "23503": "foreign_key_violation",
+    "23505": "unique_violation",
     "23514": "check_violation",
     "22001": "value_too_long",
     "22003": "numeric_out_of_range",

@@ -74,10 +74,16 @@ class Conflict:
     stored: str
     columns: str
 
+    @property
+    def missing(self) -> bool:
+        """No row holds the key at all: whatever skipped the record, it is not stored."""
+        return not self.stored
+
 
 def find_conflicts(conn: Connection, table: str, records: Sequence[Record],
                    indexes: Sequence[int]) -> dict[int, Conflict]:
-    """Of these records, whose key exists, those whose stored row differs."""
+    """Of these records, those not stored as they are: a different row under their key,
+    or no row under it at all (``missing``)."""
     if not indexes:
         return {}
     columns = list(records[indexes[0]].values)
@@ -90,9 +96,9 @@ def find_conflicts(conn: Connection, table: str, records: Sequence[Record],
                        f"THEN '{c}' END" for c in columns)
     join = " AND ".join(f"t.{k} = s.{k}" for k in keys)
     sql = (f"SELECT s.dlq_ord, {_digest('s', columns, jsonb)}, {_digest('t', columns, jsonb)}, "
-           f"array_to_string(ARRAY[{differ}], ',') "
+           f"array_to_string(ARRAY[{differ}], ','), t.{keys[0]} IS NULL "
            f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS s({declared}) "
-           f"JOIN {table} t ON {join} WHERE NOT ({same})")
+           f"LEFT JOIN {table} t ON {join} WHERE t.{keys[0]} IS NULL OR NOT ({same})")
     found = conn.execute(text(sql), {"rows": _rows_json(records, indexes)}).all()
-    return {int(ord_): Conflict(str(mine), str(theirs), str(cols))
-            for ord_, mine, theirs, cols in found}
+    return {int(ord_): Conflict(str(mine), "" if missing else str(theirs), str(cols))
+            for ord_, mine, theirs, cols, missing in found}

@@ -1,11 +1,14 @@
 """Where rows are written: PostgreSQL through SQLAlchemy Core.
 
-One transaction per table per flush. Inserts are ``INSERT ... ON CONFLICT DO NOTHING
-RETURNING <key>``: a row that already exists counts as written, and the returned
-keys tell new rows from duplicates. When PostgreSQL rejects a batch because of one
-row, the batch is bisected under savepoints so its good rows are still written and
-only the bad ones come back as RejectedError. Any other failure is raised as
-DatabaseUnavailable and nothing of the batch is considered written.
+One transaction per table per flush. Rows are copied straight into the table; a batch
+that meets an existing key goes through ``INSERT ... ON CONFLICT (<key>) DO NOTHING
+RETURNING <key>``, whose conflict target is the record's own key: a row that already
+exists under it counts as written only if it holds the same record (conflicts.py),
+and a row any other constraint refuses is a rejection, never a silent skip. When
+PostgreSQL rejects a batch because of one row, the batch is bisected under savepoints
+so its good rows are still written and only the bad ones come back as RejectedError.
+Any other failure is raised as DatabaseUnavailable and nothing of the batch is
+considered written.
 """
 
 from __future__ import annotations
@@ -231,9 +234,15 @@ class Sink:
         dups = [i for i in indexes if result.outcomes[i] is Outcome.DUPLICATE]
         if not dups:
             return
+        keys = ", ".join(CONFLICT_KEYS[table])
         for i, c in find_conflicts(conn, table, records, dups).items():
             result.outcomes[i] = Outcome.REJECTED
-            keys = ", ".join(CONFLICT_KEYS[table])
+            if c.missing:
+                # Skipped, yet no row holds its key: not a duplicate, whatever skipped it.
+                result.errors[i] = RejectedError(
+                    f"PostgreSQL skipped the row but no row exists under ({keys})",
+                    reason="not_stored", signature=f"not_stored {table}")
+                continue
             result.errors[i] = KeyConflict(
                 f"a different record already exists under ({keys}): differs in {c.columns}; "
                 f"incoming sha256 {c.incoming[:16]}, stored sha256 {c.stored[:16]}",
@@ -300,8 +309,10 @@ class Sink:
         cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS "
                        f"AS SELECT {names} FROM {table} WITH NO DATA")
         cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN", io.StringIO(data))
+        # The conflict target is the record's own key: a row any other unique constraint
+        # refuses (a lagging id sequence) is an error with its reason, never a silent skip.
         cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
-                       f"ON CONFLICT DO NOTHING RETURNING {keys}")
+                       f"ON CONFLICT ({keys}) DO NOTHING RETURNING {keys}")
         return list(cursor.fetchall())
 
     def _insert(
@@ -314,7 +325,8 @@ class Sink:
     ) -> None:
         target = TABLES[table]
         key_cols = [target.c[name] for name in CONFLICT_KEYS[table]]
-        stmt = pg_insert(target).on_conflict_do_nothing().returning(*key_cols)
+        stmt = pg_insert(target).on_conflict_do_nothing(
+            index_elements=list(CONFLICT_KEYS[table])).returning(*key_cols)
         try:
             rows = self._rows(conn, table, records, indexes, result)
             returned = conn.execute(stmt, rows).all()
