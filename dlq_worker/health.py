@@ -41,6 +41,8 @@ class Health:
     _groups_missing: list[str] = field(default_factory=list)
     _warnings: list[str] = field(default_factory=list)
     _started: bool = False
+    #: Periodic jobs failing -> (since when, why).
+    _jobs: dict[str, tuple[float, str]] = field(default_factory=dict)
     _paused: str = ""
 
     def beat(self) -> None:
@@ -65,6 +67,16 @@ class Health:
             state.reason = reason[:200]
             if source == "probe":
                 self._checked.add(server)
+
+    def job_failed(self, job: str, reason: str) -> None:
+        """A periodic job the drain depends on failed (unready after ``unready_after``)."""
+        with self._lock:
+            since = self._jobs.get(job, (self.clock(), ""))[0]
+            self._jobs[job] = (since, reason[:200])
+
+    def job_ok(self, job: str) -> None:
+        with self._lock:
+            self._jobs.pop(job, None)
 
     def set_groups_missing(self, streams: list[str]) -> None:
         with self._lock:
@@ -110,6 +122,9 @@ class Health:
                         warnings.append(f"{name} (while paused): {state.reason}")
                     else:
                         reasons.append(f"{name}: {state.reason}")
+            for job, (since, reason) in sorted(self._jobs.items()):
+                if now - since >= self.unready_after:
+                    reasons.append(f"housekeeping job {job} failing: {reason}")
             if self._groups_missing:
                 reasons.append("group missing on: " + ", ".join(self._groups_missing[:5]))
             warnings += self._warnings

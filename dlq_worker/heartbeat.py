@@ -24,6 +24,8 @@ from typing import Any
 
 import redis
 
+from dlq_worker.source import translated
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "dlq-worker:heartbeats:"
@@ -43,11 +45,15 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local beats = redis.call('HGETALL', KEYS[1])
 local dead = {}
 for i = 1, #beats, 2 do
-  local age = now - tonumber(beats[i + 1])
-  if age > tonumber(ARGV[2]) then
-    redis.call('HDEL', KEYS[1], beats[i])
-  elseif age > tonumber(ARGV[1]) then
-    table.insert(dead, beats[i])
+  -- A value that is not a number is no beat of ours: never judged, never removed.
+  local beat = tonumber(beats[i + 1])
+  if beat then
+    local age = now - beat
+    if age > tonumber(ARGV[2]) then
+      redis.call('HDEL', KEYS[1], beats[i])
+    elseif age > tonumber(ARGV[1]) then
+      table.insert(dead, beats[i])
+    end
   end
 end
 return dead
@@ -105,8 +111,9 @@ class Heartbeat:
         since = self._flowing_since
         if since is None or self.clock() - since < self.takeover_after:
             return []
-        found: Any = self._dead(keys=[self.key], args=[int(self.takeover_after * 1000),
-                                                       int(self.forget_after * 1000)])
+        with translated(f"heartbeats {self.key}"):
+            found: Any = self._dead(keys=[self.key], args=[int(self.takeover_after * 1000),
+                                                           int(self.forget_after * 1000)])
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in found or []]
         return [n for n in names if n != self.consumer]
 

@@ -30,6 +30,9 @@ COMMON_REASONS = ("decode_error", "bad_json", "missing_field", "rejected", "miss
 #: Where an unexpected failure can be contained (dlq_worker_internal_errors_total{stage}).
 STAGES = ("decode", "write", "park", "ack", "loop")
 
+#: The run loop's periodic jobs (dlq_worker_housekeeping_failures_total{job}).
+JOBS = ("discover", "claim", "takeover", "cleanup", "redeliver")
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -75,6 +78,11 @@ class Metrics:
             "Unexpected failures contained to their entry or batch, by stage (decode, write, "
             "park, ack, loop): a bug or input no one foresaw; the drain went on.",
             ["stage"], registry=r)
+        self.housekeeping_failures = Counter(
+            f"{p}_housekeeping_failures_total",
+            "Failures of a periodic job (discover, claim, takeover, cleanup, redeliver), each "
+            "contained to its job and retried on its own schedule: the drain went on.",
+            ["job"], registry=r)
         self.systemic = Gauge(
             f"{p}_systemic_rejection",
             "1 while PostgreSQL refuses every row of a table for one cause (a schema change): "
@@ -168,6 +176,8 @@ class Metrics:
             self.redis_warning.labels(check)
         for stage in STAGES:
             self.internal_errors.labels(stage)
+        for job in JOBS:
+            self.housekeeping_failures.labels(job)
 
     def init_stream(self, stream: str, table: str) -> None:
         """Create a stream's series at zero so dashboards and alerts see them."""

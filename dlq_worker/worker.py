@@ -78,6 +78,9 @@ class Worker:
         self._next_claim = 0.0
         self._next_cleanup = 0.0
         self._next_takeover = 0.0
+        self._next_redeliver = 0.0
+        #: Periodic job -> its consecutive failures (absent: it last succeeded).
+        self._job_failures: dict[str, int] = {}
         self.flusher = Flusher(config, source, sink, metrics, self._with_retry,
                                self._retry_due, lambda s: self.streams.get(s, ""), clock,
                                remaining=self._remaining)
@@ -337,21 +340,61 @@ class Worker:
     # -- housekeeping: discovery, crashed consumers, rejected entries --
 
     def _housekeeping(self, now: float) -> None:
+        """The periodic jobs. Each fails alone (see _job): none may stop the reading and
+        writing of the others' entries."""
         w = self.config.worker
-        if now >= self._next_discover:
-            self._with_retry(self.discover)
-        if now >= self._next_claim:
-            self._with_retry(self.claim_idle)
+        if now >= self._next_discover and self._job("discover", self.discover, now):
+            pass  # discover() sets its own next time (sooner while nothing is drained)
+        if now >= self._next_claim and self._job("claim", self.claim_idle, now):
             self._next_claim = now + float(w.claim_interval)
-        if self.heartbeat is not None and now >= self._next_takeover:
-            self._with_retry(self.take_over_dead)
+        if (self.heartbeat is not None and now >= self._next_takeover
+                and self._job("takeover", self.take_over_dead, now)):
             self._next_takeover = now + self.heartbeat.interval
-        if now >= self._next_cleanup:
-            self._with_retry(self.cleanup_consumers)
+        if now >= self._next_cleanup and self._job("cleanup", self.cleanup_consumers, now):
             self._next_cleanup = now + max(60.0, float(w.claim_interval) * 4)
         due = [key for key, at in self._retry_due.items() if at <= now]
-        if due:
-            self._with_retry(lambda: self._redeliver(due))
+        if due and now >= self._next_redeliver and self._job(
+                "redeliver", lambda: self._redeliver(due), now):
+            self._next_redeliver = 0.0
+
+    def _job(self, name: str, fn: Callable[[], object], now: float) -> bool:
+        """Run one periodic job once; True when it succeeded.
+
+        A failure of any kind (a server down, a stray value in a key the job reads, a
+        script error, a bug) is the job's alone: counted in
+        ``dlq_worker_housekeeping_failures_total{job}``, logged, and the job is tried again
+        after its own growing wait, while the loop goes on reading and writing. A server
+        that is really down is met by the read, which backs off for everyone. A job whose
+        failure keeps entries from the drain (discovery, claims, redelivery) makes the
+        worker unready once it has failed for ``unready_after``.
+        """
+        try:
+            fn()
+        except StreamGone:
+            raise  # the loop's own news: forget the stream, discovery finds it again
+        except Exception as exc:
+            failures = self._job_failures.get(name, 0) + 1
+            self._job_failures[name] = failures
+            w = self.config.worker
+            wait = min(float(w.backoff_max) * 6,
+                       float(w.backoff_initial) * 2 ** min(failures, 16))
+            setattr(self, f"_next_{name}", now + wait)
+            transient = isinstance(exc, TransientError)
+            err = str(exc) if transient else str(internal_error(name, exc))
+            self.metrics.housekeeping_failures.labels(name).inc()
+            if name in _DRAIN_JOBS:
+                self.health.job_failed(name, err)
+            if _logged_attempt(failures):
+                log.log(logging.WARNING if transient else logging.ERROR,
+                        f"housekeeping job {name} failed; the drain goes on without it",
+                        extra={"event": "housekeeping_failed", "job": name, "error": err[:300],
+                               "consecutive": failures, "retry_in_seconds": round(wait, 3)})
+            return False
+        if self._job_failures.pop(name, 0):
+            self.health.job_ok(name)
+            log.info(f"housekeeping job {name} works again",
+                     extra={"event": "housekeeping_recovered", "job": name})
+        return True
 
     def claim_idle(self) -> None:
         """Take over entries left pending by consumers that stopped (crashed workers), as
@@ -513,6 +556,12 @@ class Worker:
                    "attempt": n, "attempts_summarized": n - previous,
                    "retry_in_seconds": round(wait, 3), "entries_in_hand": len(self._in_hand)},
         )
+
+
+#: The periodic jobs whose failure keeps entries from the drain: new streams unseen, a
+#: crashed consumer's entries unclaimed, rejected entries never retried. (A takeover failing
+#: leaves claim_idle to do it later; consumer cleanup is tidiness.)
+_DRAIN_JOBS = frozenset({"discover", "claim", "redeliver"})
 
 
 def _logged_attempt(n: int) -> bool:

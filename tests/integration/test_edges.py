@@ -1,0 +1,131 @@
+"""The edges of "no audit loss": what the database skips, what housekeeping meets, what
+the alerts see first. Each test here failed on the release before its fix.
+
+What leaves the DLQ is a row with the record's own key and content, a dead letter with its
+reason, or a counted and logged loss: never anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from dlq_worker import heartbeat, metrics, producer, samples
+from dlq_worker.worker import Worker
+from tests.conftest import EVENTS, NOTIFICATIONS, Bed, wait_until
+
+DEAD_NOTIFICATIONS = "audit:dead-letter:notifications"
+
+
+def _stored_notification_ids(bed: Bed) -> set[str]:
+    with bed.engine.connect() as conn:
+        return set(conn.execute(text("SELECT notification_id FROM notification_audit"))
+                   .scalars())
+
+
+def test_a_row_skipped_by_another_unique_constraint_is_never_acked_as_a_duplicate(
+        bed: Bed, start_worker: Any) -> None:
+    # Given notification_audit whose id sequence lags the ids already in the table (a
+    # data-only restore, a failover to a logical replica: sequences are not carried)
+    with bed.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO notification_audit (id, remediation_id, notification_id, recipient, "
+            "channel, message_summary, status, sent_at) SELECT n, 'rr', 'restored-' || n, "
+            "'r', 'slack', 's', 'sent', now() FROM generate_series(1, 600) AS n"))
+        conn.execute(text("SELECT setval('notification_audit_id_seq', 1, false)"))
+    # and 50 new notification records in the DLQ
+    produced = {r["notification_id"] for r in bed.produce_notifications(50)}
+
+    # When a worker drains the stream
+    worker = start_worker()
+    wait_until(lambda: bed.drained(NOTIFICATIONS), 60, "drained")
+
+    # Then each record is a row under its own key or a dead letter with its reason; none was
+    # called a duplicate (no row with its key existed)
+    stored = _stored_notification_ids(bed) & produced
+    parked = {json.loads(f[b"message"])["payload"]["notification_id"]: f
+              for f in bed.parked(DEAD_NOTIFICATIONS)}
+    assert stored | set(parked) == produced, "records vanished"
+    assert not stored & set(parked)
+    for fields in parked.values():
+        assert fields[b"reason"] != b"duplicate"
+        assert b"23505" in fields[b"error"] or b"unique" in fields[b"error"].lower()
+    assert worker.metric("dlq_worker_entries_duplicate_total", stream=NOTIFICATIONS) == 0
+
+
+def test_a_stray_value_in_the_heartbeat_hash_does_not_stop_the_drain(
+        bed: Bed, start_worker: Any) -> None:
+    # Given a heartbeat hash holding a value that is not a number (a stray write, another
+    # format) and entries to drain
+    bed.client.hset(heartbeat.key("dlq-worker"), "someone-else", "not-a-number")
+
+    # When a worker runs with takeover by heartbeat on, past the time it starts judging
+    # other consumers' beats, and entries arrive
+    worker = start_worker()
+    time.sleep(2 * float(worker.app.config.worker.takeover_after))
+    produced = {r["event_id"] for r in bed.produce_events(300)}
+
+    # Then every entry is drained, the stray value is neither judged nor removed, and no
+    # housekeeping job failed for it
+    wait_until(lambda: bed.drained(EVENTS), 30, "drained")
+    assert set(bed.event_ids()) == produced
+    assert bed.client.hget(heartbeat.key("dlq-worker"), "someone-else") == b"not-a-number"
+    assert worker.metric("dlq_worker_housekeeping_failures_total", job="takeover") == 0
+
+
+def test_a_heartbeat_key_of_the_wrong_type_does_not_stop_the_drain(
+        bed: Bed, start_worker: Any) -> None:
+    # Given the heartbeat key holding a string (WRONGTYPE for every script on it)
+    bed.client.set(heartbeat.key("dlq-worker"), "stray")
+
+    # When a worker runs, and entries arrive once it would judge other consumers' beats
+    worker = start_worker()
+    time.sleep(2 * float(worker.app.config.worker.takeover_after))
+    produced = {r["event_id"] for r in bed.produce_events(300)}
+
+    # Then the drain goes on: every entry written, the loop live, and readiness untouched
+    # (claim_idle still covers takeovers)
+    wait_until(lambda: bed.drained(EVENTS), 30, "drained")
+    assert set(bed.event_ids()) == produced
+    assert worker.metric("dlq_worker_internal_errors_total", stage="loop") == 0
+    with urllib.request.urlopen(worker.url + "/healthz", timeout=5) as reply:
+        assert reply.status == 200
+    with urllib.request.urlopen(worker.url + "/readyz", timeout=5) as reply:
+        assert reply.status == 200
+
+
+@pytest.mark.parametrize("job", metrics.JOBS)
+def test_any_housekeeping_job_failing_leaves_the_drain_running(
+        bed: Bed, start_worker: Any, monkeypatch: Any, job: str) -> None:
+    # Given a periodic job that raises something unforeseen every time it runs
+    method = {"discover": "discover", "claim": "claim_idle", "takeover": "take_over_dead",
+              "cleanup": "cleanup_consumers", "redeliver": "_redeliver"}[job]
+    real = getattr(Worker, method)
+    calls = {"n": 0}
+
+    def broken(self: Worker, *args: Any) -> Any:
+        calls["n"] += 1
+        if job == "discover" and calls["n"] == 1:
+            return real(self, *args)  # the startup discovery, which finds the stream
+        raise KeyError(f"{job} broke")
+
+    monkeypatch.setattr(Worker, method, broken)
+    produced = {r["event_id"] for r in bed.produce_events(200)}
+    bad = samples.audit_event(bed.rng)
+    bad["actor_ip"] = "10.0.0.999"  # refused by PostgreSQL: redelivered, then parked
+    bed.client.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, bad)})
+
+    # When a worker runs
+    worker = start_worker(worker={"consumer_idle_delete": "0s"})
+
+    # Then the valid entries are written, the job's failures counted under its name
+    wait_until(lambda: set(bed.event_ids()) >= produced, 30, "written")
+    wait_until(lambda: worker.metric("dlq_worker_housekeeping_failures_total", job=job) >= 1,
+               10, "failure counted")
+    assert worker.thread.is_alive()
+    assert worker.metric("dlq_worker_internal_errors_total", stage="loop") == 0
