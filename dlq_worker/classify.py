@@ -33,6 +33,7 @@ _REASONS = {
     "P0001": "raised_by_trigger",
 }
 
+_CLASS_REASONS = {"22": "data_exception", "23": "integrity_violation"}
 
 #: A quoted literal after a colon is a value from the row (``invalid input syntax for
 #: type inet: "10.0.0.999"``): audit data, never for logs. Quoted names before it stay.
@@ -59,7 +60,9 @@ def classify_database_error(
         signature = f"{sqlstate} {table or '?'} {where}"
         if sqlstate == "23514" and _NO_PARTITION in first_line:
             return MissingPartition(first_line, sqlstate=sqlstate, signature=signature)
-        reason = _REASONS.get(sqlstate, f"sqlstate_{sqlstate.lower()}")
+        # A bounded set of labels: a code not named above goes by its class (the dead
+        # letter keeps the SQLSTATE itself in detail.sqlstate).
+        reason = _REASONS.get(sqlstate) or _CLASS_REASONS.get(sqlstate[:2], "raised_by_trigger")
         return RejectedError(first_line, reason=reason, sqlstate=sqlstate, signature=signature)
     code = f"SQLSTATE {sqlstate}: " if sqlstate else ""
     return DatabaseUnavailable(f"{code}{first_line}" if first_line else f"{code}database error")

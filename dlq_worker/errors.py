@@ -81,6 +81,27 @@ class SystemicRejection(DatabaseUnavailable):
     until a row is accepted again."""
 
 
+#: Every ``reason`` an entry can be rejected or parked with (the label of
+#: ``dlq_worker_entries_parked_total`` and ``..._rejected_total``, and the dead letter's
+#: ``reason`` field). Each series exists at zero from the start, so the first entry parked
+#: for any reason pages (``increase()`` ignores a series' first sample); a test holds this
+#: set to every reason the code can raise.
+REASONS = frozenset({
+    # the entry does not follow the contract (decode.py)
+    "decode_error", "no_message", "too_large", "bad_json", "bad_envelope", "bad_payload",
+    "bad_timestamp", "missing_field", "bad_type", "bad_uuid", "bad_base64", "bad_unicode",
+    "nul_character", "number_out_of_range", "unknown_table",
+    # PostgreSQL refuses the row (classify.py, sink.py)
+    "rejected", "not_null_violation", "foreign_key_violation", "unique_violation",
+    "check_violation", "value_too_long", "numeric_out_of_range", "invalid_datetime",
+    "datetime_out_of_range", "invalid_text", "untranslatable_character", "raised_by_trigger",
+    "data_exception", "integrity_violation", "unencodable", "not_stored",
+    "missing_partition", "outside_partition_window",
+    # a different record under the key, or something unforeseen
+    "key_conflict", "internal_error", "permanent",
+})
+
+
 class PermanentError(DlqWorkerError):
     """An entry that can never be written as it is.
 
@@ -130,7 +151,8 @@ class RejectedError(PermanentError):
 
     def __init__(self, message: str, *, reason: str | None = None, sqlstate: str | None = None,
                  signature: str | None = None) -> None:
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason,
+                         details={"sqlstate": sqlstate} if sqlstate else None)
         self.sqlstate = sqlstate
         #: What makes two rejections "the same cause": SQLSTATE plus constraint or column.
         self.signature = signature or f"{sqlstate or ''}:{self.reason}"

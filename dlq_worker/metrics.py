@@ -20,12 +20,10 @@ from prometheus_client import (
 )
 
 from dlq_worker import __version__
+from dlq_worker.errors import REASONS
 
 PREFIX = "dlq_worker"
 
-#: Reasons pre-initialised per stream so their series exist at zero.
-COMMON_REASONS = ("decode_error", "bad_json", "missing_field", "rejected", "missing_partition",
-                  "internal_error", "key_conflict", "outside_partition_window")
 
 #: Where an unexpected failure can be contained (dlq_worker_internal_errors_total{stage}).
 STAGES = ("decode", "write", "park", "ack", "loop")
@@ -188,7 +186,7 @@ class Metrics:
         self.pending_deleted.labels(stream)
         self.trimmed_unread.labels(stream)
         self.consumers_removed.labels(stream)
-        for reason in COMMON_REASONS:
+        for reason in sorted(REASONS):
             self.parked.labels(stream, reason)
             self.rejected.labels(stream, reason)
         self.systemic.labels(table)

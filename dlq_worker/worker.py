@@ -93,6 +93,12 @@ class Worker:
         #: The group's pause, as last read from Redis, and when it was read (monotonic).
         self._pause: control.Pause | None = None
         self._pause_read_at = float("-inf")
+        # Every routed stream's series exist at zero from the first scrape, before anything
+        # can be counted: a loss counted before Prometheus first saw the series never pages.
+        for name, table in config.streams.routes.items():
+            metrics.init_stream(config.streams.prefix + name, table)
+        # Whatever is held (in hand, being written, waiting out an outage), read at scrape.
+        metrics.in_hand.set_function(self._held_count)
 
     # -- lifecycle --
 
@@ -234,7 +240,6 @@ class Worker:
             self._in_hand.clear()
             self._bytes_in_hand = 0
             self._first_at = None
-            self.metrics.in_hand.set(0)
             self.flusher.flush(entries, overlap=overlap)
         elif not overlap:
             self.flusher.finish()
@@ -243,6 +248,12 @@ class Worker:
         """Entries read and not yet acknowledged (in hand, or being written): what a stop
         would leave pending. A copy, so the signal handler and the exit timer may read it."""
         return set(self._in_hand) | set(self.flusher.holding)
+
+    def _held_count(self) -> float:
+        try:
+            return float(len(self.held()))
+        except RuntimeError:  # changed size while the scrape read it: read again next time
+            return float(len(self._in_hand))
 
     @property
     def failing(self) -> bool:
@@ -335,7 +346,6 @@ class Worker:
             self._in_hand[key] = entry
             self._bytes_in_hand += entry.size
             self.metrics.read.labels(entry.stream).inc()
-        self.metrics.in_hand.set(len(self._in_hand))
 
     # -- housekeeping: discovery, crashed consumers, rejected entries --
 

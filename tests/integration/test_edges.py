@@ -13,11 +13,13 @@ import urllib.request
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
 from dlq_worker import heartbeat, metrics, producer, samples
+from dlq_worker.app import App
 from dlq_worker.worker import Worker
-from tests.conftest import EVENTS, NOTIFICATIONS, Bed, wait_until
+from tests.conftest import EVENTS, NOTIFICATIONS, Bed, OwnedBed, wait_until
 
 DEAD_NOTIFICATIONS = "audit:dead-letter:notifications"
 
@@ -129,3 +131,46 @@ def test_any_housekeeping_job_failing_leaves_the_drain_running(
                10, "failure counted")
     assert worker.thread.is_alive()
     assert worker.metric("dlq_worker_internal_errors_total", stage="loop") == 0
+
+
+def test_entries_in_hand_counts_what_is_held_during_an_outage(
+        owned: OwnedBed, start_worker: Any) -> None:
+    # Given a worker whose PostgreSQL is down
+    owned.produce_events(1)
+    worker = start_worker(owned.config(worker={"batch_size": 50}))
+    wait_until(lambda: owned.drained(EVENTS), 30, "first entry drained")
+    owned.pg_server.stop()
+
+    # When entries arrive and the worker takes a batch it cannot write
+    owned.produce_events(200)
+    wait_until(lambda: worker.metric("dlq_worker_transient_errors_total",
+                                     server="postgres") >= 2, 30, "failing writes")
+
+    # Then the gauge says what it holds, not 0
+    held = len(worker.app.worker.held())
+    assert held > 0
+    assert worker.metric("dlq_worker_entries_in_hand") == held
+    owned.pg_server.start()
+    wait_until(lambda: owned.drained(EVENTS), 60, "drained")
+    assert worker.metric("dlq_worker_entries_in_hand") == 0
+
+
+def test_every_loss_series_exists_at_zero_before_anything_can_be_counted(bed: Bed) -> None:
+    # Given a worker process assembled but not yet running (nothing discovered, nothing read)
+    registry = CollectorRegistry()
+    app = App(bed.config(http={"enabled": False}), registry=registry)
+    try:
+        # Then every routed stream's loss and park series already exist at 0, so the first
+        # loss the worker counts is an increase Prometheus sees
+        for name in app.config.streams.routes:
+            stream = app.config.streams.prefix + name
+            for metric in ("dlq_worker_entries_trimmed_unread_total",
+                           "dlq_worker_pending_deleted_total"):
+                assert registry.get_sample_value(metric, {"stream": stream}) == 0.0
+            assert registry.get_sample_value("dlq_worker_entries_parked_total",
+                                             {"stream": stream, "reason": "bad_uuid"}) == 0.0
+    finally:
+        app.source.close()
+        app.sink.close()
+        if app.heartbeat:
+            app.heartbeat.client.close()

@@ -93,3 +93,44 @@ def test_alerts_keep_two_namespaces_apart() -> None:
         expr = str(rule["expr"])
         for grouping in re.findall(r"\b(?:max|sum) by \(([^)]*)\)", expr):
             assert "namespace" in grouping, (rule["alert"], expr)
+
+
+def _reasons_in_code() -> set[str]:
+    """Every reason the package can raise, read from its source: ``reason="..."``
+    arguments, ``reason = "..."`` class attributes and the values of classify's tables."""
+    import ast
+
+    from dlq_worker import classify
+
+    found: set[str] = set()
+    for path in (ROOT / "dlq_worker").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "reason" and isinstance(
+                    node.value, ast.Constant) and isinstance(node.value.value, str):
+                found.add(node.value.value)
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "reason" for t in node.targets) and \
+                    isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                found.add(node.value.value)
+    found |= set(classify._REASONS.values()) | set(classify._CLASS_REASONS.values())
+    return found
+
+
+def test_every_reason_the_code_can_emit_exists_at_zero_from_the_start() -> None:
+    # Given every reason the code can reject or park an entry with
+    from dlq_worker.errors import REASONS
+
+    in_code = _reasons_in_code()
+    assert len(in_code) > 20  # the walk really read the package
+    assert in_code <= REASONS, f"reasons missing from errors.REASONS: {in_code - REASONS}"
+
+    # When a stream's series are initialised
+    registry = CollectorRegistry()
+    Metrics(registry).init_stream("audit:dlq:events", "audit_events")
+
+    # Then each parked and rejected series exists at 0, so the first one counted pages
+    for reason in in_code:
+        for name in ("dlq_worker_entries_parked_total", "dlq_worker_entries_rejected_total"):
+            value = registry.get_sample_value(name, {"stream": "audit:dlq:events",
+                                                     "reason": reason})
+            assert value == 0.0, (name, reason)
