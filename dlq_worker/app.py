@@ -37,7 +37,8 @@ class App:
         self.config = config
         self.metrics = Metrics(registry)
         self.health = Health(liveness_timeout=float(config.worker.liveness_timeout),
-                             unready_after=float(config.worker.unready_after))
+                             unready_after=float(config.worker.unready_after),
+                             stalled_after=float(config.worker.stalled_after))
         self.consumer = config.consumer_name()
         self.source = Source(config, self.consumer)
         self.sink = Sink(config.database)

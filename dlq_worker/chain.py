@@ -18,12 +18,14 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, text
+from sqlalchemy import exc as sa_exc
 
 from dlq_worker import gojson
 from dlq_worker.decode import Jsonb, Record
@@ -160,28 +162,41 @@ def order_key(row: Mapping[str, Any]) -> tuple[dt.datetime, str]:
     return (row["event_timestamp"], str(row["event_id"]).lower())
 
 
+#: PostgreSQL's answers to a lock wait that must end: lock_timeout, and the deadlock
+#: detector breaking a cycle.
+_LOCK_GAVE_UP = frozenset({"55P03", "40P01"})
+
+
 @dataclass
 class Chainer:
     """Links audit_events rows into their chains, in the transaction that inserts them."""
 
     algorithm: str  # SHA256 or HMAC
     key: bytes | None = None
+    #: After a chain's lock was not had within lock_timeout, it is only tried (never
+    #: waited on) for this long: a frozen writer costs one wait, not one per batch.
+    busy_for: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _busy_until: dict[str, float] = field(default_factory=dict)
 
-    def link(self, conn: Connection, records: Sequence[Record],
-             indexes: Sequence[int]) -> tuple[dict[int, Link], list[int]]:
-        """(links for the rows to hash, indexes of late events written unhashed).
+    def link(self, conn: Connection, records: Sequence[Record], indexes: Sequence[int],
+             ) -> tuple[dict[int, Link], list[int], list[int]]:
+        """(links for the rows to hash, indexes of late events written unhashed, indexes
+        of rows whose chain another writer holds: not written now, left for later).
 
-        Takes the platform's advisory lock for every correlation_id of these rows, in
-        sorted order (two writers never wait on each other in a cycle), reads all chain
-        heads in one query, and links each chain's new rows in the verifier's order.
-        Rows whose key already exists (redelivery) are left out: they are not written.
+        Takes the platform's advisory lock for every correlation_id of these rows (see
+        _lock), reads all chain heads in one query, and links each chain's new rows in the
+        verifier's order. Rows whose key already exists (redelivery) are left out: they
+        are not written.
         """
         rows = {i: records[i].values for i in indexes}
+        busy = self._lock(conn, sorted({str(v["correlation_id"]) for v in rows.values()}))
+        deferred = [i for i, v in rows.items() if str(v["correlation_id"]) in busy]
+        for i in deferred:
+            del rows[i]
+        if not rows:
+            return {}, [], deferred
         correlations = sorted({str(v["correlation_id"]) for v in rows.values()})
-        conn.execute(text(
-            "SELECT pg_advisory_xact_lock(audit_event_lock_id(c)) FROM "
-            "(SELECT c FROM unnest(CAST(:c AS text[])) AS c ORDER BY c) AS s"),
-            {"c": correlations}).all()
         # One round trip: the chain heads, and which of these keys exist already.
         existing: set[tuple[str, Any]] = set()
         heads: dict[str, tuple[str, dt.datetime, str]] = {}
@@ -222,7 +237,48 @@ class Chainer:
             digest = event_hash(previous, hashed_json(view, marshalled[i]), self.key)
             links[i] = Link(digest, previous, self.algorithm)
             heads[cid] = (digest, view["event_timestamp"], view["event_id"])
-        return links, late
+        return links, late, deferred
+
+    def _lock(self, conn: Connection, correlations: list[str]) -> set[str]:
+        """Lock each chain, in sorted order; the chains left busy.
+
+        Every lock is first only tried. A chain another writer holds is then waited on,
+        under a savepoint, for at most the session's lock_timeout; a cycle between
+        writers is broken by PostgreSQL's deadlock detector. A chain still locked after
+        that (a frozen replica in the middle of its write) is busy: its rows wait for a
+        later batch while the rest are written, and for ``busy_for`` it is only tried.
+        """
+        got = conn.execute(text(
+            "SELECT c, pg_try_advisory_xact_lock(audit_event_lock_id(c)) FROM "
+            "(SELECT c FROM unnest(CAST(:c AS text[])) AS c ORDER BY c) AS s"),
+            {"c": correlations}).all()
+        now = self.clock()
+        busy: set[str] = set()
+        for cid, locked in got:
+            if locked:
+                self._busy_until.pop(cid, None)
+                continue
+            if self._busy_until.get(cid, 0.0) > now:
+                busy.add(cid)
+                continue
+            savepoint = conn.begin_nested()
+            try:
+                conn.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id(:c))"),
+                             {"c": cid})
+                savepoint.commit()
+            except sa_exc.DBAPIError as exc:
+                if getattr(exc.orig, "pgcode", None) not in _LOCK_GAVE_UP:
+                    raise
+                savepoint.rollback()
+                busy.add(cid)
+                self._busy_until[cid] = now + self.busy_for
+                log.warning("a hash chain is locked by another writer past lock_timeout: its "
+                            "rows wait for a later batch", extra={
+                                "event": "chain_busy", "correlation_id": cid[:255]})
+        if len(self._busy_until) > 10_000:  # forget the oldest: a bounded memory
+            for cid in sorted(self._busy_until, key=self._busy_until.__getitem__)[:5_000]:
+                del self._busy_until[cid]
+        return busy
 
     def _stored(self, conn: Connection, rows: Mapping[int, Mapping[str, Any]],
                 indexes: Sequence[int]) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from dlq_worker import platform_config
 from dlq_worker.decode import AUDIT_EVENTS, NOTIFICATION_AUDIT, TABLES
 from dlq_worker.errors import ConfigError
 
@@ -116,6 +117,12 @@ class DatabaseConfig:
     connect_timeout: Duration = Duration(5.0)
     #: Server-side cap on one batch's statements; hitting it is transient, the batch is retried.
     statement_timeout: Duration = Duration(30.0)
+    #: The longest wait on any lock (a chain's advisory lock, a key another transaction is
+    #: inserting). A chain still locked then is left for a later batch, never waited on.
+    lock_timeout: Duration = Duration(2.0)
+    #: The server ends a session of ours idle this long inside a transaction (a frozen
+    #: worker), releasing every lock it held.
+    idle_in_transaction_timeout: Duration = Duration(15.0)
     #: Create a missing monthly partition of audit_events instead of rejecting the row.
     create_missing_partitions: bool = True
     #: ...but only for months this near the current one (UTC). A row outside the window
@@ -157,6 +164,9 @@ class StreamsConfig:
     max_length: int = 10000
     #: The design's DLQ retention (``ttl``); entries older than this are reported, never deleted.
     ttl: Duration = Duration(168 * 3600.0)
+    #: Look this often for DLQ streams in the instance's other databases (the platform
+    #: writes DB 0 whatever its ConfigMap says); read-only and bounded. 0 turns it off.
+    other_databases_interval: Duration = Duration(30.0)
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,10 @@ class WorkerConfig:
     backoff_max: Duration = Duration(10.0)
     #: A transient outage longer than this turns /readyz to 503.
     unready_after: Duration = Duration(15.0)
+    #: Entries held and none written, parked or acknowledged for this long: the drain has
+    #: stopped moving (a lock held by a frozen replica, a write that never returns), and
+    #: /readyz says so.
+    stalled_after: Duration = Duration(60.0)
     #: Entries pending longer than this on another consumer are claimed (XAUTOCLAIM).
     claim_idle: Duration = Duration(60.0)
     claim_interval: Duration = Duration(15.0)
@@ -265,22 +279,6 @@ _LEVELS = {"debug", "info", "warning", "error"}
 _FORMATS = {"auto", "json", "console"}
 
 
-#: The platform's own config file (the Data Storage service's ConfigMap,
-#: ``datastorage-config``): where in it a setting the worker needs lives, and the setting.
-#: Everything else there is the platform's and is ignored (that file only: worker.yaml
-#: stays strict). Passwords are not taken from it: they stay in the worker's own Secret.
-PLATFORM_KEYS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("database", "host"): ("database", "host"),
-    ("database", "port"): ("database", "port"),
-    ("database", "name"): ("database", "name"),
-    ("database", "user"): ("database", "user"),
-    ("database", "sslMode"): ("database", "sslmode"),
-    ("database", "sslmode"): ("database", "sslmode"),
-    ("redis", "addr"): ("redis", "addr"),
-    ("redis", "db"): ("redis", "db"),
-    ("redis", "dlq", "stream_prefix"): ("streams", "prefix"),
-    ("redis", "dlq", "max_length"): ("streams", "max_length"),
-}
 PLATFORM_ENV = "DLQ_WORKER_PLATFORM_CONFIG"
 
 
@@ -324,7 +322,8 @@ def load(
                         f"{origin}: unknown key '{section}.{key}'"
                         + (f" (did you mean '{section}.{hint}'?)" if hint else "")
                     )
-                if (section, key) in _SECRETS and origin not in ("environment",):
+                if (section, key) in _SECRETS and origin != "environment" and \
+                        not origin.startswith(platform_config.SECRET_ORIGIN):
                     raise ConfigError(
                         f"{origin}: '{section}.{key}' is a secret: set it through the environment "
                         f"or '{section}.password_file', never in a file or on the command line"
@@ -461,29 +460,15 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
 
 
 def _from_platform(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
-    """The settings the worker takes from the platform's config file, one layer per key
-    (so an error names where in that file the value was)."""
-    doc = _read_yaml(path)
-    layers: list[tuple[str, Mapping[str, Any]]] = []
-    for where, (section, key) in PLATFORM_KEYS.items():
-        node: Any = doc
-        for part in where:
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is not None:
-            layers.append((f"{path} (platform config '{'.'.join(where)}')",
-                           {section: {key: node}}))
-    if not layers:
-        raise ConfigError(f"{path}: no setting the worker uses found in this platform config "
-                          f"(expected some of: {', '.join('.'.join(k) for k in PLATFORM_KEYS)})")
-    return layers
+    """The settings the worker takes from the platform's config file (platform_config.py)."""
+    return platform_config.layers(_read_yaml(path), path)
 
 
 def _checked_not_platform(path: Path, doc: Mapping[str, Any]) -> Mapping[str, Any]:
     """worker.yaml is strict; the platform's file given in its place gets a pointer."""
-    redis_section = doc.get("redis")
-    if (isinstance(redis_section, Mapping) and "dlq" in redis_section) or "server" in doc:
-        raise ConfigError(f"{path}: this is the platform's config (it has "
-                          f"{'redis.dlq' if 'server' not in doc else 'server'}), not the "
+    sign = platform_config.looks_like_platform(doc)
+    if sign is not None:
+        raise ConfigError(f"{path}: this is the platform's config (it has {sign}), not the "
                           "worker's: pass it with --platform-config (or "
                           f"{PLATFORM_ENV}), which takes what the worker needs from it")
     return doc

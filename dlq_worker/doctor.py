@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dlq_worker import config as config_mod
-from dlq_worker import exitcodes
+from dlq_worker import elsewhere, exitcodes
 from dlq_worker.config import Config
 from dlq_worker.errors import ConfigError, TransientError
 from dlq_worker.monitor import redis_durability, stream_stats
@@ -85,6 +85,7 @@ def _redis_checks(cfg: Config) -> list[Check]:
         else:
             out.append(Check("memory headroom", PASS, "no maxmemory limit set"))
         out += _stream_checks(cfg, client)
+        out.append(_other_databases_check(cfg, client))
         return out
 
     try:
@@ -124,6 +125,18 @@ def _stream_checks(cfg: Config, client: Any) -> list[Check]:
                      "inspect with `dlq-worker dead-letter list`, fix, then `dead-letter replay`"
                      if parked else ""))
     return out
+
+
+def _other_databases_check(cfg: Config, client: Any) -> Check:
+    found, partly = elsewhere.find_once(cfg.redis, cfg.streams.prefix, client)
+    walked = (f" (DB {', '.join(map(str, partly))}: only the first "
+              f"{elsewhere.ONE_SHOT_SCAN_CALLS * elsewhere.SCAN_COUNT} keys looked at)"
+              if partly else "")
+    if found:
+        return Check("no DLQ in another database", FAIL, elsewhere.describe(found) + walked,
+                     f"this worker drains DB {cfg.redis.db}: point it at the database the "
+                     "producers write (REDIS_DB; the platform writes DB 0)")
+    return Check("no DLQ in another database", PASS, "none found" + walked)
 
 
 def _database_checks(cfg: Config) -> list[Check]:

@@ -77,6 +77,7 @@ class Flusher:
                  retry: Retry, retry_due: MutableMapping[tuple[str, str], float],
                  route: Callable[[str], str], clock: Callable[[], float] = time.monotonic,
                  remaining: Callable[[], float | None] = lambda: None,
+                 progress: Callable[[], None] = lambda: None,
                  ) -> None:
         self.config = config
         self.source = source
@@ -88,6 +89,8 @@ class Flusher:
         self.clock = clock
         #: Seconds left before the shutdown deadline (None: no stop requested).
         self.remaining = remaining
+        #: Told whenever an entry completes (written, parked, acknowledged, rescheduled).
+        self.progress = progress
         self.systemic = SystemicDetector(config.worker.systemic_after)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         #: The batch being written in the background, if any.
@@ -95,6 +98,9 @@ class Flusher:
         #: Every entry taken from the loop and not yet completed (acknowledged or handed to
         #: the rejection schedule): still ours, kept fresh during outages.
         self.holding: set[tuple[str, str]] = set()
+        #: Entries a write left for later (their hash chain was busy): the loop takes them
+        #: back in hand, still unacknowledged, their delivery count untouched.
+        self.deferred: list[Entry] = []
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -109,6 +115,11 @@ class Flusher:
                     self.config.database.statement_timeout))
         self.inflight = None
         self.holding.clear()
+        self.deferred.clear()
+
+    def take_deferred(self) -> list[Entry]:
+        entries, self.deferred = self.deferred, []
+        return entries
 
     def lost(self, stream: str, ids: Sequence[str], how: str) -> None:
         """Entries that were pending and are gone from the stream, never written nor
@@ -196,7 +207,7 @@ class Flusher:
         for i, (record, outcome) in enumerate(zip(batch.records, result.outcomes, strict=True)):
             accepted, refused = by_table.setdefault(record.table, ([], []))
             err = result.errors.get(i)
-            if outcome is not Outcome.REJECTED:
+            if outcome in (Outcome.WRITTEN, Outcome.DUPLICATE):
                 accepted.append(i)
             elif isinstance(err, RejectedError) and err.reason != "outside_partition_window":
                 entry = batch.record_entries[i]
@@ -263,6 +274,9 @@ class Flusher:
                 elif outcome is Outcome.DUPLICATE:
                     self.metrics.duplicates.labels(entry.stream).inc()
                     ack.append(entry)
+                elif outcome is Outcome.DEFERRED:
+                    self.metrics.deferred.labels(entry.stream).inc()
+                    self.deferred.append(entry)
             if result.partitions_created:
                 self.metrics.partitions_created.inc(len(result.partitions_created))
             self._count_chain(batch, result)
@@ -283,6 +297,8 @@ class Flusher:
             err = internal_error("ack", exc)
             self._count_internal("ack", err, ack[0] if ack else None)
         self.holding -= batch.held
+        if ack or failed:
+            self.progress()
         self.metrics.batch_size.observe(len(batch.entries))
         self.metrics.flush_seconds.observe(self.clock() - batch.started)
         self.metrics.last_flush.set_to_current_time()
@@ -366,6 +382,7 @@ class Flusher:
             log.error("entry deleted from the stream while held: parked from memory",
                       extra={"event": "parked_from_memory", **describe_entry(entry)})
         if done:
+            self.progress()
             self.metrics.parked.labels(entry.stream, err.reason).inc()
             log.error(
                 "entry parked in dead-letter stream",

@@ -30,6 +30,8 @@ class _ServerState:
 class Health:
     liveness_timeout: float
     unready_after: float
+    #: Entries held and nothing completed for this long: the drain stopped moving.
+    stalled_after: float = 60.0
     clock: Callable[[], float] = time.monotonic
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _heartbeat: float | None = None
@@ -41,6 +43,11 @@ class Health:
     _groups_missing: list[str] = field(default_factory=list)
     _warnings: list[str] = field(default_factory=list)
     _started: bool = False
+    #: Entries held by the loop right now, and when an entry last completed (written,
+    #: parked or acknowledged; None: not since the loop last held nothing).
+    _held: int = 0
+    _other_dbs: str = ""
+    _progress_at: float | None = None
     #: Periodic jobs failing -> (since when, why).
     _jobs: dict[str, tuple[float, str]] = field(default_factory=dict)
     _paused: str = ""
@@ -67,6 +74,25 @@ class Health:
             state.reason = reason[:200]
             if source == "probe":
                 self._checked.add(server)
+
+    def holding(self, entries: int) -> None:
+        """How many entries the loop holds (each turn). The stall clock starts when it
+        begins to hold some."""
+        with self._lock:
+            if entries and not self._held:
+                self._progress_at = self.clock()
+            self._held = entries
+
+    def progress(self) -> None:
+        """An entry was written, parked or acknowledged."""
+        with self._lock:
+            self._progress_at = self.clock()
+
+    def set_other_databases(self, description: str) -> None:
+        """DLQ streams found in another database of the instance ('' when none): shown as
+        a warning (another deployment may drain them; the alert and doctor speak up)."""
+        with self._lock:
+            self._other_dbs = description
 
     def job_failed(self, job: str, reason: str) -> None:
         """A periodic job the drain depends on failed (unready after ``unready_after``)."""
@@ -125,7 +151,13 @@ class Health:
             for job, (since, reason) in sorted(self._jobs.items()):
                 if now - since >= self.unready_after:
                     reasons.append(f"housekeeping job {job} failing: {reason}")
+            if (self._held and self._progress_at is not None and not self._paused
+                    and now - self._progress_at >= self.stalled_after):
+                reasons.append(f"drain stalled: {self._held} entries held and none written, "
+                               f"parked or acknowledged for {now - self._progress_at:.0f}s")
             if self._groups_missing:
                 reasons.append("group missing on: " + ", ".join(self._groups_missing[:5]))
             warnings += self._warnings
+            if self._other_dbs:
+                warnings.append(self._other_dbs)
         return not reasons, reasons, warnings

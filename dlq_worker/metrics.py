@@ -59,6 +59,11 @@ class Metrics:
         self.rejected = Counter(f"{p}_entries_rejected_total",
                                 "Rows PostgreSQL refused; retried until parked.",
                                 ["stream", "reason"], registry=r)
+        self.deferred = Counter(
+            f"{p}_entries_deferred_total",
+            "Entries left for a later batch because another writer held their hash chain's "
+            "lock past lock_timeout (a frozen replica); kept in hand, never counted against "
+            "the entry.", ["stream"], registry=r)
         self.claimed = Counter(f"{p}_entries_claimed_total",
                                "Entries claimed from idle consumers (XAUTOCLAIM).",
                                ["stream"], registry=r)
@@ -163,6 +168,14 @@ class Metrics:
         self.redis_maxmemory = Gauge(f"{p}_redis_maxmemory_bytes",
                                      "maxmemory of the Redis instance (0: no limit).",
                                      registry=r)
+        self.other_db_streams = Gauge(
+            f"{p}_other_db_streams",
+            "DLQ streams (under the prefix) found in another database of the Redis instance, "
+            "which this worker does not drain.", ["db"], registry=r)
+        self.other_db_entries = Gauge(
+            f"{p}_other_db_entries",
+            "Entries in the DLQ streams found in another database of the Redis instance: "
+            "audit records no worker of this configuration drains.", ["db"], registry=r)
         self.redis_warning = Gauge(
             f"{p}_redis_durability_warning",
             "1 when a Redis setting can lose DLQ entries (eviction, persistence, memory).",
@@ -183,6 +196,7 @@ class Metrics:
         self.written.labels(stream, table)
         self.duplicates.labels(stream)
         self.claimed.labels(stream)
+        self.deferred.labels(stream)
         self.pending_deleted.labels(stream)
         self.trimmed_unread.labels(stream)
         self.consumers_removed.labels(stream)

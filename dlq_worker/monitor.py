@@ -16,7 +16,9 @@ from typing import Any
 
 import redis
 
+from dlq_worker import elsewhere
 from dlq_worker.config import Config
+from dlq_worker.elsewhere import OtherDatabases
 from dlq_worker.health import Health
 from dlq_worker.metrics import Metrics
 from dlq_worker.sink import Sink
@@ -216,6 +218,12 @@ class Monitor:
         self._run_id = ""
         self._durability_logged: set[str] = set()
         metrics.retention.set(float(config.streams.ttl))
+        interval = float(config.streams.other_databases_interval)
+        self.elsewhere = OtherDatabases(config.redis, config.streams.prefix) if interval else None
+        self._next_elsewhere = 0.0
+        #: What was last reported found elsewhere, and when it was last logged.
+        self._elsewhere_reported: dict[int, set[str]] = {}
+        self._elsewhere_logged_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -224,6 +232,8 @@ class Monitor:
         self._stop.set()
         self._thread.join(timeout=5)
         self.client.close()
+        if self.elsewhere is not None:
+            self.elsewhere.close()
 
     def _run(self) -> None:
         interval = min(5.0, float(self.config.worker.stats_interval))
@@ -243,6 +253,10 @@ class Monitor:
             if time.monotonic() >= next_stats:
                 self.poll()
                 next_stats = time.monotonic() + float(self.config.worker.stats_interval)
+            if self.elsewhere is not None and time.monotonic() >= self._next_elsewhere:
+                self.look_elsewhere()
+                self._next_elsewhere = time.monotonic() + float(
+                    self.config.streams.other_databases_interval)
             self._stop.wait(interval)
 
     def check_servers(self) -> None:
@@ -285,6 +299,40 @@ class Monitor:
             log.debug("redis durability check failed", extra={"error": str(exc)})
             return
         self.record_durability(durability)
+
+    def look_elsewhere(self) -> None:
+        """DLQ streams in the instance's other databases (see elsewhere.py): an error line
+        when first found (and every 10 minutes while they stay), a metric per database, a
+        warning in /readyz."""
+        assert self.elsewhere is not None
+        try:
+            found = self.elsewhere.look(self.client)
+        except Exception as exc:  # a failed look must not end the thread
+            log.debug("look at other databases failed", extra={"error": str(exc)[:200]})
+            return
+        m = self.metrics
+        for db in set(self._elsewhere_reported) | set(found):
+            streams = found.get(db, {})
+            m.other_db_streams.labels(str(db)).set(len(streams))
+            m.other_db_entries.labels(str(db)).set(sum(streams.values()))
+        now = time.monotonic()
+        names = {db: set(streams) for db, streams in found.items()}
+        text = elsewhere.describe(found)
+        own = self.config.redis.db
+        if found and (names != self._elsewhere_reported or now - self._elsewhere_logged_at
+                      >= 600):
+            log.error(f"DLQ streams found in another Redis database; this worker drains DB "
+                      f"{own} only: {text}", extra={
+                          "event": "dlq_in_other_database", "db": own,
+                          "other_databases": sorted(found), "streams": text})
+            self._elsewhere_logged_at = now
+        elif not found and self._elsewhere_reported:
+            log.info("no DLQ stream in another Redis database any more",
+                     extra={"event": "dlq_in_other_database_gone", "db": own})
+        self._elsewhere_reported = names
+        self.health.set_other_databases(
+            f"DLQ streams in other Redis databases (this worker drains DB {own}): {text}"
+            if found else "")
 
     def record(self, s: StreamStats) -> None:
         m = self.metrics

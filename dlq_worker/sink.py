@@ -61,6 +61,9 @@ class Outcome(enum.Enum):
     WRITTEN = "written"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
+    #: Not written now: its hash chain is locked by another writer. Kept in hand and
+    #: written by a later batch; never counted against the entry.
+    DEFERRED = "deferred"
 
 
 @dataclass
@@ -91,7 +94,10 @@ def database_url(config: DatabaseConfig) -> URL:
 
 
 def make_engine(config: DatabaseConfig) -> Engine:
-    timeout_ms = int(config.statement_timeout * 1000)
+    timeouts = " ".join(f"-c {name}={int(float(value) * 1000)}" for name, value in (
+        ("statement_timeout", config.statement_timeout),
+        ("lock_timeout", config.lock_timeout),
+        ("idle_in_transaction_session_timeout", config.idle_in_transaction_timeout)))
     return create_engine(
         database_url(config),
         # Payloads are audit data: SQLAlchemy must never put parameters in an error message.
@@ -104,7 +110,9 @@ def make_engine(config: DatabaseConfig) -> Engine:
         connect_args={
             "connect_timeout": max(1, int(config.connect_timeout)),
             "application_name": "dlq-worker",
-            "options": f"-c statement_timeout={timeout_ms}",
+            # Every wait bounded: a statement, a lock, and a session of ours left idle
+            # inside a transaction (a frozen worker's locks are released by the server).
+            "options": timeouts,
             # A vanished server is noticed in ~1 min instead of the kernel's hours.
             "keepalives": 1,
             "keepalives_idle": 30,
@@ -260,7 +268,9 @@ class Sink:
         """COPY the rows straight into the table under a savepoint: one pass, every row
         new (the usual case). If a key exists already (a redelivery, a reused ID), roll
         back to the savepoint and take the staging path, which tells each row's outcome."""
-        rows = self._rows(conn, table, records, indexes, result)
+        rows, indexes = self._rows(conn, table, records, indexes, result)
+        if not rows:
+            return
         columns = list(rows[0])
         names = ", ".join(columns)
         try:
@@ -328,7 +338,9 @@ class Sink:
         stmt = pg_insert(target).on_conflict_do_nothing(
             index_elements=list(CONFLICT_KEYS[table])).returning(*key_cols)
         try:
-            rows = self._rows(conn, table, records, indexes, result)
+            rows, indexes = self._rows(conn, table, records, indexes, result)
+            if not rows:
+                return
             returned = conn.execute(stmt, rows).all()
         except sa_exc.DBAPIError as exc:
             raise _translate(exc, table) from exc
@@ -341,13 +353,20 @@ class Sink:
         _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
 
     def _rows(self, conn: Connection, table: str, records: Sequence[Record],
-              indexes: Sequence[int], result: WriteResult) -> list[dict[str, Any]]:
-        """The rows to insert: the records' values, and with the hash chain on, each
-        audit_events row linked into its chain (or left unhashed when late)."""
+              indexes: Sequence[int], result: WriteResult,
+              ) -> tuple[list[dict[str, Any]], Sequence[int]]:
+        """The rows to insert and whose they are: the records' values, and with the hash
+        chain on, each audit_events row linked into its chain (or left unhashed when late);
+        a row whose chain another writer holds is left out, DEFERRED."""
         chainer = self._chainer(conn) if table == AUDIT_EVENTS else None
         if chainer is None:
-            return [records[i].values for i in indexes]
-        links, late = chainer.link(conn, records, indexes)
+            return [records[i].values for i in indexes], indexes
+        links, late, deferred = chainer.link(conn, records, indexes)
+        for i in deferred:
+            result.outcomes[i] = Outcome.DEFERRED
+        if deferred:
+            skip = set(deferred)
+            indexes = [i for i in indexes if i not in skip]
         rows = []
         for i in indexes:
             link = links.get(i)
@@ -359,7 +378,7 @@ class Sink:
                 result.chained[i] = True
         for i in late:
             result.chained[i] = False
-        return rows
+        return rows, indexes
 
     def _chainer(self, conn: Connection) -> chain.Chainer | None:
         """The chain mode, decided once: ``auto`` links when the target schema has the

@@ -255,7 +255,7 @@ class Source:
         routed: list[str] = []
         unknown: list[str] = []
         with translated("SCAN"):
-            for raw in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000,
+            for raw in self.client.scan_iter(match=glob_escape(prefix) + "*", count=1000,
                                              _type="stream"):
                 try:
                     name = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -567,7 +567,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:240] if text else type(exc).__name__
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from dlq_worker import control
+from dlq_worker import control, elsewhere
 from dlq_worker.config import Config
 from dlq_worker.decode import AUDIT_EVENTS, decode_entry, decode_envelope
 from dlq_worker.errors import DecodeError, NotFound
@@ -76,6 +76,7 @@ def gather_status(client: redis.Redis, config: Config,
         })
         streams.append(row)
     durability = redis_durability(client)
+    other, partly = elsewhere.find_once(config.redis, config.streams.prefix, client)
     with translated("HGETALL"):
         paused = control.read_pause(client, config.streams.group)
     result: dict[str, Any] = {
@@ -84,6 +85,8 @@ def gather_status(client: redis.Redis, config: Config,
         "paused": None if paused is None else paused.as_dict(),
         "streams": streams,
         "unknown_streams": unknown,
+        "other_databases": {str(db): streams for db, streams in other.items()},
+        "other_databases_partly_walked": partly,
         "redis": asdict(durability),
         "time": time.time(),
     }
@@ -140,6 +143,10 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("(no DLQ streams)")
     for stream in status["unknown_streams"]:
         lines.append(f"unknown stream (no route, not drained): {stream}")
+    for db, streams in sorted(status["other_databases"].items()):
+        for stream, length in sorted(streams.items()):
+            lines.append(f"OTHER DATABASE: DB {db} holds {stream} ({length} entries), "
+                         f"not drained by a worker on DB {status['redis_db']}")
     r = status["redis"]
     lines += ["", f"Redis: maxmemory-policy {r['maxmemory_policy']}, used {r['used_memory']} B "
               f"of {r['maxmemory'] or 'unlimited'}, AOF {'on' if r['aof_enabled'] else 'off'}, "

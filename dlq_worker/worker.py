@@ -83,7 +83,7 @@ class Worker:
         self._job_failures: dict[str, int] = {}
         self.flusher = Flusher(config, source, sink, metrics, self._with_retry,
                                self._retry_due, lambda s: self.streams.get(s, ""), clock,
-                               remaining=self._remaining)
+                               remaining=self._remaining, progress=health.progress)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._deadline: float | None = None
@@ -171,6 +171,8 @@ class Worker:
         self.health.beat()
         now = self.clock()
         self.metrics.heartbeat.set_to_current_time()
+        self.health.holding(len(self._in_hand) + len(self.flusher.holding)
+                            + len(self.flusher.deferred))
         try:
             if self._paused(now):
                 # Finish what is held (written and acknowledged, or left pending if a
@@ -195,6 +197,8 @@ class Worker:
                 self.flush(overlap=bool(self.config.worker.overlap))
             elif not entries and self.flusher.inflight is not None:
                 self.flusher.finish()  # nothing new to overlap with: acknowledge it now
+            if self.flusher.deferred:
+                self._take(self.flusher.take_deferred())  # their chain was busy: again
         except StreamGone as exc:
             self._forget(exc.streams)
 
@@ -247,7 +251,8 @@ class Worker:
     def held(self) -> set[tuple[str, str]]:
         """Entries read and not yet acknowledged (in hand, or being written): what a stop
         would leave pending. A copy, so the signal handler and the exit timer may read it."""
-        return set(self._in_hand) | set(self.flusher.holding)
+        return (set(self._in_hand) | set(self.flusher.holding)
+                | {(e.stream, e.id) for e in self.flusher.deferred})
 
     def _held_count(self) -> float:
         try:

@@ -225,6 +225,13 @@ def test_every_new_option_renders_where_it_belongs() -> None:
     assert mounts["platform-config"] == "/etc/dlq-worker/platform"
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["platform-config"]["configMap"]["name"] == "datastorage-config"
+    # the platform's Secrets where its file names them; its file, not the chart's values,
+    # says where Redis and PostgreSQL are, and KEDA reads DB 0 where the platform writes
+    assert mounts["platform-secret-0"] == "/etc/datastorage/secrets"
+    assert volumes["platform-secret-0"]["secret"]["secretName"] == "datastorage-secrets"
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap" and "worker.yaml" in d["data"])
+    rendered = yaml.safe_load(configmap["data"]["worker.yaml"])
+    assert "redis" not in rendered and "database" not in rendered
     assert volumes["redis-ca"]["secret"]["secretName"] == "redis-ca"
     policy = kind(docs, "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]

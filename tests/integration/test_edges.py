@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -174,3 +175,63 @@ def test_every_loss_series_exists_at_zero_before_anything_can_be_counted(bed: Be
         app.sink.close()
         if app.heartbeat:
             app.heartbeat.client.close()
+
+
+def _readyz(worker: Any) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(worker.url + "/readyz", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _events_in_chain(bed: Bed, n: int, correlation_id: str) -> set[str]:
+    records = [samples.audit_event(bed.rng) for _ in range(n)]
+    for record in records:
+        record["correlation_id"] = correlation_id
+    pipe = bed.client.pipeline(transaction=False)
+    for record in records:
+        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)})
+    pipe.execute()
+    return {r["event_id"] for r in records}
+
+
+def test_a_chain_locked_by_a_frozen_writer_stalls_only_its_own_rows(
+        bed: Bed, start_worker: Any) -> None:
+    # Given another writer frozen in the middle of its write: its transaction holds the
+    # advisory lock of chain rr-frozen and will not end until it is thawed
+    frozen = bed.engine.connect()
+    tx = frozen.begin()
+    frozen.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id('rr-frozen'))"))
+    try:
+        stuck = _events_in_chain(bed, 30, "rr-frozen")
+        others = {r["event_id"] for r in bed.produce_events(2000)}
+
+        # When a worker drains a backlog that mixes that chain with others
+        worker = start_worker(database={"lock_timeout": "300ms"},
+                              worker={"stalled_after": "2s"})
+
+        # Then every other chain's rows are written while the lock is held, the frozen
+        # chain's rows wait in hand (neither rejected nor parked), the worker says so
+        wait_until(lambda: set(bed.event_ids()) >= others, 30, "other chains written")
+        assert not set(bed.event_ids()) & stuck
+        assert worker.metric("dlq_worker_entries_deferred_total", stream=EVENTS) >= 30
+        assert not bed.parked("audit:dead-letter:events")
+        assert worker.metric("dlq_worker_entries_rejected_total", stream=EVENTS,
+                             reason="rejected") == 0
+        # and once nothing but the frozen chain is left, readiness says the drain stalled
+        wait_until(lambda: "drain stalled" in _readyz(worker)[1], 10, "stall reported")
+        with urllib.request.urlopen(worker.url + "/healthz", timeout=5) as reply:
+            assert reply.status == 200  # alive: the loop turns, it is the locks that hold
+    finally:
+        # When the frozen writer's transaction ends
+        tx.rollback()
+        frozen.close()
+
+    # Then its chain's rows follow, linked, and nothing is left
+    wait_until(lambda: bed.drained(EVENTS), 30, "drained")
+    assert set(bed.event_ids()) == others | stuck
+    with bed.engine.connect() as conn:
+        unhashed = conn.execute(text("SELECT count(*) FROM audit_events WHERE "
+                                     "correlation_id = 'rr-frozen' AND event_hash IS NULL"))
+        assert unhashed.scalar_one() == 0

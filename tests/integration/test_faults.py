@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import signal
 import threading
 import time
 import urllib.error
@@ -508,3 +509,40 @@ def test_concurrent_writes_are_never_mistaken_for_trimming(bed: Bed) -> None:
         stop.set()
         writer.join()
     assert set(seen) == {0}
+
+
+@pytest.mark.fault
+def test_a_frozen_worker_never_stalls_the_other(owned: OwnedBed, spawn_worker: Any) -> None:
+    """A node freeze or a long pause (SIGSTOP) of one replica in the middle of its writes:
+    the other replica goes on writing, and nothing is lost once the frozen one thaws."""
+    env = {**owned.env(), **fast_env(), "DLQ_WORKER_HTTP_ENABLED": "false",
+           "DLQ_WORKER_WORKER_BATCH_SIZE": "500", "DLQ_WORKER_DATABASE_LOCK_TIMEOUT": "500ms",
+           "DLQ_WORKER_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT": "3s"}
+    # Given worker A draining a backlog of few, long chains (each batch locks all of them)
+    rng = random.Random(5)
+    valid: set[str] = set()
+    pipe = owned.client.pipeline(transaction=False)
+    for i in range(6000):
+        record = samples.audit_event(rng)
+        record["correlation_id"] = f"rr-long-{i % 40}"
+        valid.add(record["event_id"])
+        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)})
+    pipe.execute()
+    a = spawn_worker({**env, "DLQ_WORKER_STREAMS_CONSUMER": "worker-a"})
+    wait_until(lambda: owned.count("audit_events") > 500, 60, "A draining")
+
+    # When A freezes in the middle of its writes, and B starts while producers write on
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        spawn_worker({**env, "DLQ_WORKER_STREAMS_CONSUMER": "worker-b"})
+        more = produce(owned, 3000)
+
+        # Then B writes the new records while A stays frozen
+        wait_until(lambda: more <= set(owned.event_ids()), 60, "B writes while A is frozen")
+    finally:
+        # When A thaws
+        a.proc.send_signal(signal.SIGCONT)
+
+    # Then every record is one row, nothing parked, nothing pending
+    wait_until(lambda: owned.drained(EVENTS), 90, "drained")
+    assert_no_loss(owned, valid | more)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +41,6 @@ def _write_certs(ca: trustme.CA, where: Path) -> Path:
     client.cert_chain_pems[0].write_to_path(str(where / "client.pem"))
     client.private_key_pem.write_to_path(str(where / "client.key"))
     return where
-
-
-@pytest.fixture
-def tls_servers() -> Iterator[AuthServers]:
-    with tempfile.TemporaryDirectory(prefix="dlq-tls-") as root:
-        Path(root).chmod(0o755)
-        certs = _write_certs(trustme.CA(), Path(root) / "certs")
-        servers = AuthServers(Path(root), tls=certs)
-        yield servers
-        servers.close()
 
 
 def _tls_client(s: AuthServers) -> redis.Redis:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from dlq_worker import config as config_mod
 from dlq_worker.cli import cli, main
-from dlq_worker.config import Config
+from dlq_worker.config import Config, describe
 from dlq_worker.errors import ConfigError
 
 
@@ -162,21 +164,67 @@ def test_a_secret_in_a_range_error_is_never_shown() -> None:
     assert "'database.hash_chain_key'" in str(err.value) and "got" not in str(err.value)
 
 
-PLATFORM_EXAMPLE = Path(__file__).parents[1] / "data" / "datastorage-config.yaml"
+DATA = Path(__file__).parents[1] / "data"
+PLATFORM_EXAMPLE = DATA / "datastorage-config-design.yaml"
 
 
-def test_the_platforms_config_file_is_read_as_it_is() -> None:
-    # Given the platform's own ConfigMap file, with its sections the worker has no use for
+def platform_files(tmp_path: Path, **secrets: dict[str, str]) -> Path:
+    """The platform's file in today's shape, its secrets files under tmp_path (where the
+    platform mounts them under /etc/datastorage/secrets/)."""
+    files = {"db-secrets.yaml": {"username": "audit_writer", "password": "pg-pass"},
+             "valkey-secrets.yaml": {"password": "valkey-pass"},
+             "audit-hmac-key.yaml": {"hmacKey": "the-hmac-key"}}
+    files.update(secrets)
+    for name, doc in files.items():
+        (tmp_path / name).write_text(yaml.safe_dump(doc))
+    text = (DATA / "datastorage-config.yaml").read_text()
+    path = tmp_path / "config.yaml"
+    path.write_text(text.replace("/etc/datastorage/secrets/", f"{tmp_path}/"))
+    return path
+
+
+def test_the_platforms_config_file_in_todays_shape_is_read_as_it_is(tmp_path: Path) -> None:
+    # Given the platform's own ConfigMap file as the service has it today, and its secrets
+    cfg = load({}, platform_path=platform_files(tmp_path))
+    # Then the worker takes what it needs from them, and nothing else
+    assert (cfg.database.host, cfg.database.port, cfg.database.name, cfg.database.sslmode) \
+        == ("postgresql.kubernaut-system.svc.cluster.local", 5432, "action_history", "require")
+    assert (cfg.database.user, cfg.database.password) == ("audit_writer", "pg-pass")
+    assert (cfg.redis.host, cfg.redis.port, cfg.redis.password) == (
+        "valkey.kubernaut-system.svc.cluster.local", 6380, "valkey-pass")
+    assert cfg.redis.tls and cfg.redis.tls_ca_file == "/etc/datastorage/tls/ca.crt"
+    assert cfg.streams.max_length == 10000
+    assert cfg.database.hash_chain_key == "the-hmac-key"
+    # and drains DB 0, where the platform writes its DLQ whatever its ConfigMap says
+    assert cfg.redis.db == 0
+    # and no secret shows in the effective configuration
+    shown = json.dumps(describe(cfg))
+    assert not any(s in shown for s in ("pg-pass", "valkey-pass", "the-hmac-key"))
+
+
+def test_a_missing_secrets_file_or_key_is_named(tmp_path: Path) -> None:
+    path = platform_files(tmp_path, **{"valkey-secrets.yaml": {"pass": "x"}})
+    with pytest.raises(ConfigError) as err:
+        load({}, platform_path=path)
+    assert "'redis.secretsFile'" in str(err.value) and "no key 'password'" in str(err.value)
+    (tmp_path / "db-secrets.yaml").unlink()
+    with pytest.raises(ConfigError) as err:
+        load({}, platform_path=path)
+    assert "db-secrets.yaml" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_platforms_config_file_in_the_design_shape_is_read_too() -> None:
+    # Given the platform's file in the design document's shape
     cfg = load({}, platform_path=PLATFORM_EXAMPLE)
-    # Then the worker takes what it needs from it, and nothing else
     assert (cfg.database.host, cfg.database.port) == (
         "postgresql.kubernaut-system.svc.cluster.local", 5432)
     assert (cfg.database.name, cfg.database.user, cfg.database.sslmode) == (
         "action_history", "slm_user", "require")
+    # its redis.db is ignored by the service, and so by the worker: DB 0
     assert (cfg.redis.host, cfg.redis.port, cfg.redis.db) == (
-        "redis.kubernaut-system.svc.cluster.local", 6379, 1)
+        "redis.kubernaut-system.svc.cluster.local", 6379, 0)
     assert (cfg.streams.prefix, cfg.streams.max_length) == ("audit:dlq:", 10000)
-    assert cfg.database.password == ""  # passwords stay in the worker's own Secret
+    assert cfg.database.password == ""
 
 
 def test_the_platform_config_is_the_lowest_layer(tmp_path: Path) -> None:

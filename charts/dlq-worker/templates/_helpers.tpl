@@ -92,6 +92,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: platform-config
   mountPath: /etc/dlq-worker/platform
   readOnly: true
+{{- range $i, $s := .Values.platformConfig.secrets }}
+- name: platform-secret-{{ $i }}
+  mountPath: {{ $s.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 - name: tmp
   mountPath: /tmp
@@ -119,6 +124,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     items:
       - key: {{ .Values.platformConfig.key }}
         path: {{ .Values.platformConfig.key }}
+{{- range $i, $s := .Values.platformConfig.secrets }}
+- name: platform-secret-{{ $i }}
+  secret:
+    secretName: {{ $s.secretName }}
+    defaultMode: 0400
+{{- end }}
 {{- end }}
 - name: tmp
   emptyDir:
@@ -164,12 +175,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* worker.yaml: the chart's settings first, then .Values.config (later wins). */}}
 {{- define "dlq-worker.config" -}}
 {{- $base := dict
-  "redis" (dict "addr" .Values.redis.addr "db" .Values.redis.db "username" .Values.redis.username "tls" .Values.redis.tls)
-  "database" (dict "host" .Values.database.host "port" .Values.database.port "name" .Values.database.name "user" .Values.database.user "sslmode" .Values.database.sslmode)
   "worker" (dict "shutdown_timeout" .Values.shutdownTimeoutSeconds)
   "http" (dict "host" "0.0.0.0" "port" .Values.containerPort)
   "log" (dict "format" "json")
 }}
+{{- /* Beside the platform, its own file says where Redis and PostgreSQL are (worker.yaml
+would win over it): only what .Values.config sets explicitly is added. */}}
+{{- if not .Values.platformConfig.configMapName }}
+{{- $_ := set $base "redis" (dict "addr" .Values.redis.addr "db" .Values.redis.db "username" .Values.redis.username "tls" .Values.redis.tls) }}
+{{- $_ := set $base "database" (dict "host" .Values.database.host "port" .Values.database.port "name" .Values.database.name "user" .Values.database.user "sslmode" .Values.database.sslmode) }}
+{{- end }}
 {{- $merged := mustMergeOverwrite $base (deepCopy .Values.config) }}
 {{- toYaml $merged }}
 {{- end }}
