@@ -14,6 +14,7 @@ on the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -88,7 +89,8 @@ def servers() -> Iterator[Servers]:
 class WorkerProcess:
     """`dlq-worker run` as a separate process, with its peak RSS read from /proc."""
 
-    def __init__(self, env: dict[str, str], **settings: str) -> None:
+    def __init__(self, env: dict[str, str], cgroup: Path | None = None,
+                 **settings: str) -> None:
         self.port = free_port()
         full = {k: v for k, v in os.environ.items() if not k.startswith("DLQ_WORKER_")}
         full.update(env)
@@ -98,8 +100,13 @@ class WorkerProcess:
         full.update({f"DLQ_WORKER_{k.upper()}": v for k, v in settings.items()})
         self.log = tempfile.NamedTemporaryFile(prefix="dlq-bench-worker-", suffix=".log",  # noqa: SIM115
                                                delete=False)
+        join = None
+        if cgroup is not None:  # in the memory cgroup before the worker's first allocation
+            def join() -> None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
         self.proc = subprocess.Popen([sys.executable, "-m", "dlq_worker", "run"], env=full,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=join)  # noqa: PLW1509 - cgroup join only
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -222,6 +229,49 @@ def bench_big_entries(s: Servers, n: int, **settings: str) -> dict[str, Any]:
         worker.stop()
     return {"entries": n, "entry_bytes": 900_000, "seconds": round(done - started, 1),
             "peak_rss_mib": round(peak / 2**20, 1), **settings}
+
+
+def bench_memory_limit(s: Servers, big: int, limit_mib: int = 256, workers: int = 2,
+                       **settings: str) -> dict[str, Any]:
+    """Worker processes under a real memory limit (a cgroup v1 memory group, as a pod's
+    limit is), draining ~1 KB and ~900 KB entries in blocks and interleaved: whether any
+    was OOM-killed, and each one's peak RSS. The backlog is in Redis before they start."""
+    group = Path(f"/sys/fs/cgroup/memory/dlq-bench-{os.getpid()}")
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit_mib * 2**20))
+        with contextlib.suppress(OSError):  # no swap accounting: then swap is simply off
+            (group / "memory.memsw.limit_in_bytes").write_text(str(limit_mib * 2**20))
+        reset(s)
+        small = workloads.messages(4 * big)
+        bigs = workloads.big_messages(big)
+        quarter = big // 4
+        order: list[bytes] = small[:big] + [next(bigs) for _ in range(quarter)]
+        for i in range(quarter):  # interleaved
+            order += [small[big + i], next(bigs)]
+        order += small[big + quarter:] + list(bigs)  # small, then a block of big ones
+        workloads.write_backlog(s.redis_client(), order, chunk=20)
+        procs = [WorkerProcess(s.env, cgroup=group, streams_consumer=f"mem-{i}", **settings)
+                 for i in range(workers)]
+        try:
+            started = time.perf_counter()
+            done = wait_drained(s, len(order), timeout=1800)
+            peaks = [round(p.rss()[1] / 2**20, 1) for p in procs]
+            alive = [p.proc.poll() is None for p in procs]
+        finally:
+            for p in procs:
+                p.stop()
+        oom = (group / "memory.oom_control").read_text()
+        kills = int(next((line.split()[1] for line in oom.splitlines()
+                          if line.startswith("oom_kill ")), "0"))
+        return {"limit_mib": limit_mib, "workers": workers, "entries": len(order),
+                "big_entries": big, "seconds": round(done - started, 1),
+                "peak_rss_mib": peaks, "group_peak_mib": round(int(
+                    (group / "memory.max_usage_in_bytes").read_text()) / 2**20, 1),
+                "oom_kills": kills, "all_alive": all(alive), **settings}
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 def bench_latency(s: Servers, rate: int, seconds: float, **settings: str) -> dict[str, Any]:
@@ -349,6 +399,9 @@ def main() -> None:
     parser.add_argument("--chain-compare", type=int, metavar="N",
                         help="only the drain of an N-entry backlog with the hash chain off and "
                              "on (sha256), alternating, twice each")
+    parser.add_argument("--memory-limit", type=int, metavar="N",
+                        help="two workers in a 256 MiB memory cgroup, N ~900 KB entries "
+                             "among 4N ~1 KB ones, in blocks and interleaved (needs root)")
     parser.add_argument("--big-entries", type=int, metavar="N",
                         help="only the peak RSS of an N-entry backlog of ~900 KB entries, with "
                              "the default byte bound and with a count-only bound")
@@ -382,6 +435,11 @@ def main() -> None:
                 print(json.dumps({"bench": "drain", "hash_chain": mode, "run": run // 2 + 1,
                                   **bench_drain(s, batch, database_hash_chain=mode)}),
                       flush=True)
+        return
+    if args.memory_limit:
+        with servers() as s:
+            print(json.dumps({"bench": "memory_limit",
+                              **bench_memory_limit(s, args.memory_limit)}), flush=True)
         return
     if args.big_entries:
         with servers() as s:

@@ -16,6 +16,7 @@ from dlq_worker.config import Config
 from dlq_worker.errors import (
     ConfigError,
     DlqWorkerError,
+    NoRoom,
     NotFound,
     StartupError,
     TransientError,
@@ -190,6 +191,9 @@ def main() -> None:
     except NotFound as exc:
         click.echo(f"dlq-worker: {exc}", err=True)
         sys.exit(exitcodes.NOT_FOUND)
+    except NoRoom as exc:
+        click.echo(f"dlq-worker: {exc}", err=True)
+        sys.exit(exitcodes.NO_ROOM)
     except DlqWorkerError as exc:
         click.echo(f"dlq-worker: {exc}", err=True)
         sys.exit(exitcodes.ERROR)

@@ -232,7 +232,8 @@ def dl_list(config_path: str | None, ids: tuple[str, ...], stream: str | None,
         client.close()
     more = len(entries) > count
     entries = entries[:count]
-    text = "\n".join(f"{e['id']}  parked {e['parked_at']}  {e['original_stream']} "
+    text = "\n".join(f"{e['id']}  parked {e['parked_at']} by {e['parked_by']}  "
+                     f"{e['original_stream']} "
                      f"{e['original_id']}  {e['reason']} ({e['error_class']}, "
                      f"{e['final_retry_count']} deliveries, first failed "
                      f"{e['first_failed_at'] or 'unknown'})  "
@@ -272,17 +273,29 @@ def dl_show(config_path: str | None, entry_id: str, payload: bool, show_sensitiv
 @_selection_options
 @click.option("--all", "everything", is_flag=True, help="Every parked entry.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be replayed.")
+@click.option("--max-fill", type=click.FloatRange(0.01, 0.9), default=0.5, show_default=True,
+              help="Never fill a DLQ stream past this fraction of the producers' cap.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(0), default=600.0,
+              show_default=True, help="Seconds to wait for the worker to make room.")
 def dl_replay(config_path: str | None, ids: tuple[str, ...], stream: str | None,
               reason: str | None, error_class: str | None, since: str | None,
-              until: str | None, everything: bool, dry_run: bool, **flags: Any) -> None:
+              until: str | None, everything: bool, dry_run: bool, max_fill: float,
+              wait_seconds: float, **flags: Any) -> None:
     """Move parked entries back to their DLQ stream, unchanged, for the worker to retry.
 
     Each entry moves atomically: at no moment is it in neither place, nor in both.
+
+    The producers cap each stream (XADD MAXLEN ~ streams.max_length) and trim the oldest
+    entries, read or not: a replay that filled a stream past the cap would delete records.
+    So it never fills a stream past --max-fill of the cap. While a stream is that full it
+    paces itself against the worker's drain, and after --wait seconds without room it
+    stops (exit 9), leaving the rest parked; run it again to go on.
 
     \b
     Example:
       dlq-worker dead-letter replay --reason missing_partition --dry-run
       dlq-worker dead-letter replay --all
+      dlq-worker dead-letter replay --all --max-fill 0.3 --wait 60
     """
     cfg = load_config(config_path, flags)
     client = _client(cfg)
@@ -296,7 +309,8 @@ def dl_replay(config_path: str | None, ids: tuple[str, ...], stream: str | None,
             return
         with click.progressbar(length=len(entries), label="replaying", file=sys.stderr,
                                show_pos=True) as bar:
-            moved = store.replay(entries, progress=bar.update)
+            moved = store.replay(entries, progress=bar.update, max_fill=max_fill,
+                                 wait=wait_seconds)
     finally:
         client.close()
     click.echo(f"replayed {sum(moved.values())} entries: {json.dumps(moved)}")

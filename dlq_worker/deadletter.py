@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
+import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +17,15 @@ from typing import Any
 import redis
 
 from dlq_worker.config import Config
-from dlq_worker.errors import NotFound
+from dlq_worker.errors import NoRoom, NotFound
 from dlq_worker.source import translated
 from dlq_worker.status import check_id, scan_streams
 
-#: Rebuilds the original entry (``message`` plus any ``original.<field>``) in its stream.
+#: Rebuilds the original entry (``message`` plus any ``original.<field>``) in its stream,
+#: only while that stream holds fewer than ARGV[2] entries ('full' otherwise: the check and
+#: the move are one step, so two replays at once cannot overfill it).
 _REPLAY = """
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 'full' end
 local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #e == 0 then return false end
 local f = e[1][2]
@@ -58,20 +63,38 @@ class Parked:
     def original_stream(self) -> str:
         return self.get("original_stream")
 
+    @property
+    def by_platform(self) -> bool:
+        """Parked by the platform's own retry worker (its dead letters carry no reason and
+        no consumer: it moves an entry there when its retry_count reaches 6)."""
+        return not self.get("reason") and not self.get("consumer")
+
     def summary(self) -> dict[str, Any]:
+        platform = self.by_platform
         return {
             "id": self.id,
             "dead_letter_stream": self.dead_letter_stream,
             "original_stream": self.original_stream,
             "original_id": self.get("original_id"),
             "parked_at": _id_time(self.id),
+            "parked_by": "platform retry worker" if platform else
+                         f"dlq-worker {self.get('consumer')}",
             "first_failed_at": self.get("first_failed_at"),
             "moved_at": self.get("moved_at"),
-            "reason": self.get("reason"),
-            "error_class": self.get("error_class"),
-            "error": self.get("error"),
+            "reason": "retries_exhausted" if platform else self.get("reason"),
+            "error_class": "PlatformRetriesExhausted" if platform else self.get("error_class"),
+            "error": self._platform_error() if platform else self.get("error"),
             "final_retry_count": self.get("final_retry_count"),
         }
+
+    def _platform_error(self) -> str:
+        """The platform's dead letter keeps the envelope's last_error: why it last failed."""
+        try:
+            envelope = json.loads(self.fields.get(b"message", b""))
+            return str(envelope.get("last_error", ""))[:1000] if isinstance(
+                envelope, dict) else ""
+        except ValueError:
+            return ""
 
 
 @dataclass(frozen=True)
@@ -97,9 +120,10 @@ class Selection:
     def matches(self, entry: Parked) -> bool:
         if self.ids and entry.id not in self.ids:
             return False
-        if self.reason and entry.get("reason") != self.reason:
+        facts = entry.summary()  # the platform's dead letters by their reason too
+        if self.reason and facts["reason"] != self.reason:
             return False
-        return not (self.error_class and entry.get("error_class") != self.error_class)
+        return not (self.error_class and facts["error_class"] != self.error_class)
 
 
 class DeadLetters:
@@ -179,14 +203,39 @@ class DeadLetters:
             raise NotFound(f"{entry.id}: original stream {target!r} is outside {prefix!r}")
         return target
 
-    def replay(self, entries: list[Parked],
-               progress: Callable[[int], None] | None = None) -> dict[str, int]:
-        """Move each entry back to its DLQ stream (atomically, one at a time)."""
+    def room(self, max_fill: float) -> int:
+        """How long a DLQ stream may grow by a replay: ``max_fill`` of the producers' cap
+        (``streams.max_length``), the rest left to the producers while the worker drains."""
+        return max(1, int(self.config.streams.max_length * max_fill))
+
+    def replay(self, entries: list[Parked], progress: Callable[[int], None] | None = None, *,
+               max_fill: float = 0.5, wait: float = 600.0,
+               sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
+        """Move each entry back to its DLQ stream (atomically, one at a time), never past
+        ``room(max_fill)`` entries in that stream: the producers' ``MAXLEN ~`` trimming would
+        delete the oldest, read or not. While it is full the replay waits for the worker to
+        drain it, for ``wait`` seconds without progress at most, then raises NoRoom."""
         moved: dict[str, int] = {}
+        limit = self.room(max_fill)
         for entry in entries:
             target = self.target_stream(entry)
-            with translated(f"replay {entry.id}"):
-                new_id = self._replay(keys=[entry.dead_letter_stream, target], args=[entry.id])
+            waited = 0.0
+            while True:
+                with translated(f"replay {entry.id}"):
+                    new_id = self._replay(keys=[entry.dead_letter_stream, target],
+                                          args=[entry.id, limit])
+                if new_id not in (b"full", "full"):
+                    break
+                if waited >= wait:
+                    done = sum(moved.values())
+                    raise NoRoom(
+                        f"{target} holds {limit} entries or more ({max_fill:.0%} of the "
+                        f"producers' cap of {self.config.streams.max_length}) and did not "
+                        f"drain for {wait:.0f}s: replayed {done} of {len(entries)}, the rest "
+                        "are still parked; run it again once the worker drains (is one "
+                        "running?)")
+                sleep(0.5)
+                waited += 0.5
             if new_id:
                 moved[target] = moved.get(target, 0) + 1
             if progress:

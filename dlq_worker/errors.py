@@ -7,6 +7,8 @@ Library errors (redis-py, SQLAlchemy/psycopg2) are translated where they enter
     ├── ConfigError              bad configuration: one line naming the key; exit 3
     ├── StartupError             a server could not be reached at start; exit 4
     ├── NotFound                 an operator named a stream, ID or entry that is not there; exit 5
+    ├── NoRoom                   replay/move would push a DLQ stream past the producers' cap
+    │                            (their MAXLEN trimming would delete records); exit 9
     ├── StreamGone               a DLQ stream (or its group) vanished: forget it, rediscover
     ├── RedisCommandError        Redis answered with an error no retry cures (WRONGTYPE, a
     │                            script error): contained to its entry, retried slowly
@@ -46,6 +48,11 @@ class StartupError(DlqWorkerError):
 
 class NotFound(DlqWorkerError):
     """An operator command named a stream, an entry ID or a parked entry that does not exist."""
+
+
+class NoRoom(DlqWorkerError):
+    """An operator command would make a DLQ stream longer than the producers' cap leaves
+    room for: their next ``XADD ... MAXLEN ~`` would trim records no one has read."""
 
 
 class StreamGone(DlqWorkerError):

@@ -23,6 +23,8 @@ DOCTOR_WARN = 6
 DOCTOR_FAIL = 7
 #: verify-chain: at least one hash chain does not verify (tampered rows).
 TAMPERED = 8
+#: dead-letter replay / move: the DLQ stream has no room under the producers' cap.
+NO_ROOM = 9
 #: A second SIGTERM/SIGINT: exit at once, without waiting for the final flush.
 FORCED = 130
 
@@ -37,5 +39,6 @@ TABLE = {
     DOCTOR_WARN: "doctor: warnings",
     DOCTOR_FAIL: "doctor: a check failed",
     TAMPERED: "verify-chain: a chain does not verify",
+    NO_ROOM: "replay/move: the DLQ stream has no room under the producers' cap",
     FORCED: "forced exit on a second signal",
 }

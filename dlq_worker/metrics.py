@@ -76,6 +76,12 @@ class Metrics:
             "Entries deleted from a DLQ stream (producer MAXLEN trimming) before the group "
             "read them: audit records lost outside the worker.",
             ["stream"], registry=r)
+        self.uncertain_unread = Gauge(
+            f"{p}_entries_gone_unread_uncertain",
+            "Entries deleted from a DLQ stream before this group read them but after another "
+            "group (the platform's own retry worker) did: deleted after its copy (no loss), "
+            "written by it, or trimmed while it held them (a loss). Redis cannot tell which: "
+            "an upper bound, never counted as a certain loss.", ["stream"], registry=r)
         self.internal_errors = Counter(
             f"{p}_internal_errors_total",
             "Unexpected failures contained to their entry or batch, by stage (decode, write, "
@@ -199,6 +205,7 @@ class Metrics:
         self.deferred.labels(stream)
         self.pending_deleted.labels(stream)
         self.trimmed_unread.labels(stream)
+        self.uncertain_unread.labels(stream)
         self.consumers_removed.labels(stream)
         for reason in sorted(REASONS):
             self.parked.labels(stream, reason)

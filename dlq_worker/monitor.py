@@ -22,50 +22,92 @@ from dlq_worker.elsewhere import OtherDatabases
 from dlq_worker.health import Health
 from dlq_worker.metrics import Metrics
 from dlq_worker.sink import Sink
-from dlq_worker.source import LOST_KEY, make_client, translated
+from dlq_worker.source import LEADER_KEY, LOST_KEY, make_client, translated
 
 log = logging.getLogger(__name__)
 
 #: One stream's figures in one atomic step: depth, first ID, parked depth, and for the
-#: group: pending, lag, consumers, and how many entries at or before its last-delivered
-#: ID are still present (counted in the server: only numbers cross the network).
+#: group: pending, lag, consumers, and for it and every other group on the stream (the
+#: platform's own retry workers read it too) how many entries were deleted before that
+#: group read them, since it was created ("gone"): the entries added after its position,
+#: from the stream's entries-added and the group's lag or entries-read, less the ones
+#: still present (counted in the server: only numbers cross the network).
 #:
-#: The count is the one part that is not O(1): it walks those entries (the pending ones:
-#: acknowledged entries are deleted). On the shared instance it is bounded: one replica
-#: per interval does it (a lock key, KEYS[3], set for ARGV[3] ms); it is skipped while more
-#: than ARGV[2] entries are pending, and stops at ARGV[2] entries: "unknown" (false) for
-#: this poll. Trimming is counted from totals since the group was created, so a loss is
-#: still reported at the next poll that can afford the walk.
+#: The entries present after a group's position are the whole stream when the stream's
+#: head has passed that position (trimming overtook the group): no walk. Otherwise they
+#: are walked, the shorter way (after the position, or up to it), bounded: at most ARGV[2]
+#: entries each way, in one replica per interval (a lock key, KEYS[3], set for ARGV[3]
+#: ms), else "unknown" (false) for this poll. Losses are counted from totals since the
+#: group was created, so a loss is still reported at the next poll that can afford it.
 _SNAPSHOT = """
 local function get(t, name)
   for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
   return false
 end
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then return false end
+  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
+  return tonumber(as) < tonumber(bs)
+end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local first = get(info, 'first-entry')
+local length, added = get(info, 'length'), get(info, 'entries-added')
+local limit = tonumber(ARGV[2])
 local parked = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-local out = {get(info, 'length'), first and first[1] or false, redis.call('XLEN', KEYS[2]), 0,
+local out = {length, first and first[1] or false, redis.call('XLEN', KEYS[2]), 0,
              parked[1] and parked[1][1] or false}
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+local walk = nil
+local function may_walk()
+  -- pcall: at maxmemory the SET is refused; then skip the walks, keep the figures
+  if walk == nil then
+    walk = ARGV[3] == '0'
+    if not walk then
+      local ok = redis.pcall('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3])
+      walk = type(ok) == 'table' and ok['ok'] ~= nil
+    end
+  end
+  return walk
+end
+local function gone(g)
+  local last, lag, read = get(g, 'last-delivered-id'), get(g, 'lag'), get(g, 'entries-read')
+  local unread = lag
+  if not unread and read and added then unread = added - read end
+  if not unread then return false end
+  local after
+  if length == 0 or (first and before(last, first[1])) then
+    after = length
+  elseif may_walk() then
+    local n = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', limit)
+    if n < limit then
+      after = n
+    else
+      local m = #redis.call('XRANGE', KEYS[1], '-', last, 'COUNT', limit)
+      if m >= limit then return false end
+      after = length - m
+    end
+  else
+    return false
+  end
+  return math.max(0, unread - after)
+end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+for _, g in ipairs(groups) do
   if get(g, 'name') == ARGV[1] then
     out[4] = 1
     out[6] = get(g, 'pending')
     out[7] = get(g, 'lag')
     out[8] = get(g, 'consumers')
-    out[9] = false
-    local limit = tonumber(ARGV[2])
-    -- every pending entry is one to walk: more than the limit, and the walk is skipped
-    -- pcall: at maxmemory the SET is refused; then skip the walk, keep the figures
-    local mine = ARGV[3] == '0'
-    if not mine then
-      local ok = redis.pcall('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3])
-      mine = type(ok) == 'table' and ok['ok'] ~= nil
+    out[9] = gone(g)
+    out[10] = get(g, 'last-delivered-id')
+    local others = {}
+    for _, o in ipairs(groups) do
+      if get(o, 'name') ~= ARGV[1] then
+        others[#others + 1] = {get(o, 'name'), get(o, 'last-delivered-id'), gone(o)}
+      end
     end
-    if out[7] and out[6] < limit and mine then
-      local seen = #redis.call('XRANGE', KEYS[1], '-', get(g, 'last-delivered-id'),
-                               'COUNT', limit)
-      if seen < limit then out[9] = seen end
-    end
+    out[11] = others
   end
 end
 return out
@@ -76,22 +118,38 @@ SNAPSHOT_WALK_LIMIT = 1000
 #: The key that lets one replica per interval run a stream's trim check.
 LOCK_PREFIX = "dlq-worker:trim-check:"
 
-#: Raises a stream's recorded count of entries trimmed unread and returns by how much,
-#: atomically: with several replicas polling, each loss is counted by exactly one, and a
-#: loss that happened while no worker ran is counted by the first one to start.
+#: Counts the entries trimmed before any group read them, from the figures of the group
+#: that has read furthest (the leader, ARGV[2]; its gone-unread figure ARGV[3]), and returns
+#: by how much the count rose, atomically: with several replicas polling, each loss is
+#: counted by exactly one, and a loss that happened while no worker ran is counted by the
+#: first one to start.
+#:
+#: Why the leader: the platform's retry worker deletes entries it has read (copy-and-XDEL),
+#: and we delete what we wrote. A group's gone-unread figure counts every entry deleted
+#: before that group read it, trimmed or deleted. Only entries some group has read are
+#: ever deleted, so none is ahead of the leader: what the leader finds gone unread was
+#: trimmed before anyone read it, a certain loss. When the lead changes hands, the new
+#: leader's figure already holds the old leader's deletions: it is a new baseline (-2).
+#: A new Redis server (ARGV[4], its run_id: a failover, a restart) is a new baseline too
+#: (-1). KEYS: the count, the run_id and the leader's last figure, hashes by stream.
 _RAISE_LOST = """
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-local new = tonumber(ARGV[2])
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[3] then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-  if old >= 0 then
-    redis.call('HSET', KEYS[1], ARGV[1], new)
-    return -1
-  end
+local rec = redis.call('HGET', KEYS[3], ARGV[1])
+local new = tonumber(ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+  if rec then return -1 end
 end
+if not rec then
+  if ARGV[5] ~= '1' then return -2 end
+  if new > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], new) end
+  return new
+end
+local sep = string.find(rec, '|', 1, true)
+local leader, old = string.sub(rec, 1, sep - 1), tonumber(string.sub(rec, sep + 1))
+if leader ~= ARGV[2] then return -2 end
 if new <= old then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], new)
-if old < 0 then return new end
+redis.call('HINCRBY', KEYS[1], ARGV[1], new - old)
 return new - old
 """
 #: The Redis server (run_id) each stream's trimmed-unread count was last taken on. A new
@@ -118,6 +176,14 @@ class StreamStats:
     lost_unread: int | None = None
     #: Since the oldest parked entry was parked (its dead-letter ID is that time).
     dead_letter_oldest_age_seconds: float | None = None
+    #: The group that has read furthest (ours, or the platform's own), and how many entries
+    #: it finds gone unread: trimmed before any group read them (see _RAISE_LOST).
+    leader: str = ""
+    leader_lost_unread: int | None = None
+    #: Gone before our group read them, but read by another group first: deleted by the
+    #: platform's retry worker after its copy (no loss), written by it, or trimmed while it
+    #: held them unwritten (a loss). Redis cannot tell which: an upper bound, reported apart.
+    uncertain_unread: int | None = None
 
 
 @dataclass
@@ -152,15 +218,29 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
                         group_exists=has_group, dead_letter_depth=dead_depth,
                         dead_letter_oldest_age_seconds=_age_of(reply[4]))
     if has_group:
-        pending, lag, consumers, delivered_present = reply[5], reply[6], reply[7], reply[8]
+        pending, lag, consumers, gone = reply[5], reply[6], reply[7], reply[8]
         stats.pending = int(pending)
         stats.lag = _int_or_none(lag)
         stats.consumers = int(consumers)
-        if stats.lag is not None and delivered_present is not None:
-            # lag counts entries added after the group's last read, present or not; the
-            # ones still present are the stream minus those at or before last-delivered-id.
-            stats.lost_unread = max(0, stats.lag - (depth - int(delivered_present)))
+        stats.lost_unread = _int_or_none(gone)
+        stats.leader, stats.leader_lost_unread = config.streams.group, stats.lost_unread
+        ahead = _id(reply[9])
+        for name, last, other_gone in reply[10] or []:
+            if _id(last) > ahead:
+                ahead = _id(last)
+                stats.leader = _text(name)
+                stats.leader_lost_unread = _int_or_none(other_gone)
+        if stats.leader == config.streams.group:
+            stats.uncertain_unread = 0 if stats.lost_unread is not None else None
+        elif stats.lost_unread is not None and stats.leader_lost_unread is not None:
+            stats.uncertain_unread = max(0, stats.lost_unread - stats.leader_lost_unread)
     return stats
+
+
+def _id(value: Any) -> tuple[int, int]:
+    """A stream ID as a number pair, for comparisons."""
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _age_of(entry_id: Any) -> float | None:
@@ -345,22 +425,33 @@ class Monitor:
         m.consumers.labels(s.stream).set(s.consumers)
         m.dead_letter_depth.labels(s.stream).set(s.dead_letter_depth)
         m.dead_letter_oldest_age.labels(s.stream).set(s.dead_letter_oldest_age_seconds or 0.0)
-        if s.lost_unread is not None:
+        if s.uncertain_unread is not None:
+            m.uncertain_unread.labels(s.stream).set(s.uncertain_unread)
+        if s.leader_lost_unread is not None:
+            ours = s.leader == self.config.streams.group
             with translated(f"HSET {LOST_KEY}"):
-                new = int(self._raise_lost(keys=[LOST_KEY, RUN_ID_KEY],
-                                           args=[s.stream, s.lost_unread, self._run_id]))
-            if new == -1:
+                new = int(self._raise_lost(
+                    keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
+                    args=[s.stream, s.leader, s.leader_lost_unread, self._run_id,
+                          "1" if ours else "0"]))
+            if new == -2:
+                log.info("another group has read furthest (or has stopped doing so): the "
+                         "trimmed-unread count goes on from its figure",
+                         extra={"event": "trim_leader", "stream": s.stream,
+                                "leader": s.leader, "uncertain": s.uncertain_unread})
+            elif new == -1:
                 # Not reported as a loss, not silent either: the figure is in the log.
                 log.warning("Redis is a different server than at the last count (a failover "
                             "or a restart): its group read counter is not the old one's, so "
                             "the trimmed-unread count starts again from here",
                             extra={"event": "trim_baseline_reset", "stream": s.stream,
-                                   "run_id": self._run_id, "count_here": s.lost_unread})
+                                   "run_id": self._run_id,
+                                   "count_here": s.leader_lost_unread})
             elif new:
                 m.trimmed_unread.labels(s.stream).inc(new)
-                log.error("AUDIT LOSS: entries trimmed from the DLQ before the group read them",
-                          extra={"event": "trimmed_unread", "stream": s.stream, "entries": new,
-                                 "since_group_created": s.lost_unread})
+                log.error("AUDIT LOSS: entries trimmed from the DLQ before any group read "
+                          "them", extra={"event": "trimmed_unread", "stream": s.stream,
+                                         "entries": new, "counted_by": s.leader})
         if s.oldest_age_seconds and s.oldest_age_seconds > float(self.config.streams.ttl):
             log.warning("DLQ entry older than the retention: still kept, never deleted",
                         extra={"event": "entry_past_retention", "stream": s.stream,

@@ -26,6 +26,12 @@ class BatchPolicy:
         room = min(by_count, by_bytes)
         return max(1 if in_hand == 0 else 0, room)
 
+    def byte_room(self, in_hand: int, bytes_in_hand: int) -> int:
+        """Bytes a read may still bring into this batch; at least one entry's worth (of any
+        size) while the batch is empty, so an entry bigger than the budget still moves."""
+        room = self.max_bytes - bytes_in_hand
+        return max(1, room) if in_hand == 0 else max(0, room)
+
     def due(self, in_hand: int, first_at: float | None, now: float,
             bytes_in_hand: int = 0) -> bool:
         if in_hand == 0:

@@ -100,11 +100,15 @@ return lost
 #: Where each stream's count of entries trimmed unread (since its group was created) lives,
 #: in the DLQ's database: a hash, outside the stream prefixes.
 LOST_KEY = "dlq-worker:trimmed-unread"
+#: The group that had read furthest, and its gone-unread figure, at the last count (see
+#: monitor.py): restarts with the group, like the count.
+LEADER_KEY = "dlq-worker:trimmed-unread:leader"
 
 #: Creates the group at 0 and forgets the trimmed-unread count of the group before it.
 _CREATE_GROUP = """
 redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
 redis.call('HDEL', KEYS[2], KEYS[1])
+redis.call('HDEL', KEYS[3], KEYS[1])
 return 1
 """
 
@@ -114,7 +118,42 @@ _CREATE_ROUTED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 redis.call('HDEL', KEYS[2], KEYS[1])
+redis.call('HDEL', KEYS[3], KEYS[1])
 return 1
+"""
+
+#: Reads entries for our group from each stream (KEYS) in steps, stopping before the
+#: count (ARGV[3]) or the byte budget (ARGV[4]) could be passed: a step takes no more
+#: entries than the budget left holds entries of the largest valid size (ARGV[5]), so for
+#: entries up to that size the bytes read never exceed the budget, whatever the mix and
+#: order of sizes. ARGV[6 + k]: ``>`` for new entries, or a cursor into our pending ones
+#: (deleted ones come back with no fields). XREADGROUP's COUNT is per stream: here the
+#: count and the budget are for the whole read.
+_READ_BOUNDED = """
+local group, consumer = ARGV[1], ARGV[2]
+local left, budget, largest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local out = {}
+for k = 1, #KEYS do
+  local id = ARGV[5 + k]
+  local rows = {}
+  while left > 0 and budget > 0 do
+    local step = math.min(left, math.max(1, math.floor(budget / largest)))
+    local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', step,
+                         'STREAMS', KEYS[k], id)
+    local got = (r and r[1] and r[1][2]) or {}
+    for _, e in ipairs(got) do
+      rows[#rows + 1] = e
+      if e[2] then
+        for i = 1, #e[2] do budget = budget - #e[2][i] end
+      end
+      if id ~= '>' then id = e[1] end
+    end
+    left = left - #got
+    if #got < step then break end
+  end
+  if #rows > 0 then out[#out + 1] = {KEYS[k], rows} end
+end
+return out
 """
 
 #: Redis errors that mean "not now" rather than "never": the server is loading, busy,
@@ -122,6 +161,11 @@ return 1
 _TRANSIENT_REPLIES = frozenset({"LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN",
                                 "CLUSTERDOWN", "OOM", "NOREPLICAS", "NOAUTH", "WRONGPASS",
                                 "NOPERM"})
+
+#: The largest entry a read step counts on: the contract's largest envelope (1 MiB) with
+#: room for its field name. Reads and claims are sized by it, so the bytes they bring
+#: never pass the budget for entries up to this size (larger ones are parked at once).
+LARGEST_ENTRY = 1024 * 1024 + 1024
 
 #: Fields of a parked entry kept one by one; beyond that the rest travel in one field, so
 #: an entry with thousands of fields is parked whole (Lua's unpack has a limit).
@@ -243,6 +287,7 @@ class Source:
         self._touch = self.client.register_script(_TOUCH)
         self._create_group = self.client.register_script(_CREATE_GROUP)
         self._create_routed = self.client.register_script(_CREATE_ROUTED)
+        self._read_bounded = self.client.register_script(_READ_BOUNDED)
 
     def close(self) -> None:
         self.client.close()
@@ -287,7 +332,7 @@ class Source:
         for name in sorted(self.streams_config.routes):
             stream = self.streams_config.prefix + name
             with translated(f"XGROUP CREATE {stream} MKSTREAM", stream):
-                if self._create_routed(keys=[stream, LOST_KEY], args=[self.group]):
+                if self._create_routed(keys=[stream, LOST_KEY, LEADER_KEY], args=[self.group]):
                     created.append(stream)
         if created:
             log.info("created the routed streams that did not exist, with their group",
@@ -301,7 +346,7 @@ class Source:
         The stream's trimmed-unread count restarts with the group, in the same atomic step:
         a deleted and recreated stream must not hide its new losses behind its old count."""
         try:
-            self._create_group(keys=[stream, LOST_KEY], args=[self.group])
+            self._create_group(keys=[stream, LOST_KEY, LEADER_KEY], args=[self.group])
         except redis.ResponseError as exc:
             if "BUSYGROUP" in str(exc):
                 return False
@@ -316,10 +361,19 @@ class Source:
 
     # -- reading --
 
-    def read(self, ids: Mapping[str, str], count: int, block_seconds: float | None) -> list[Entry]:
-        """XREADGROUP over several streams: ``>`` for new entries, ``0`` for our own pending."""
+    def read(self, ids: Mapping[str, str], count: int, block_seconds: float | None,
+             max_bytes: int | None = None) -> list[Entry]:
+        """XREADGROUP over several streams: ``>`` for new entries, ``0`` for our own pending.
+
+        With ``max_bytes``, at most ``count`` entries and ``max_bytes`` bytes in all (see
+        _READ_BOUNDED); when nothing is there, it blocks for one new entry at most."""
         if not ids:
             return []
+        if max_bytes is not None:
+            entries = self._bounded(ids, count, max_bytes)
+            if entries or block_seconds is None or any(v != ">" for v in ids.values()):
+                return entries
+            count = 1  # wait for the next entry: one entry is within any budget
         block = None if block_seconds is None else max(1, int(block_seconds * 1000))
         try:
             streams: dict[Any, Any] = dict(ids)
@@ -345,9 +399,33 @@ class Source:
                 from exc
         return list(_entries(reply))
 
+    def _bounded(self, ids: Mapping[str, str], count: int, max_bytes: int) -> list[Entry]:
+        streams = list(ids)
+        try:
+            reply: Any = self._read_bounded(
+                keys=streams, args=[self.group, self.consumer, max(1, count),
+                                    max(1, max_bytes), LARGEST_ENTRY,
+                                    *(ids[s] for s in streams)])
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc) or "WRONGTYPE" in str(exc):
+                # the plain read tells which stream, and recreates a group where it can
+                return self.read(ids, 1, None)
+            with translated("XREADGROUP"):
+                raise
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"XREADGROUP: {type(exc).__name__}: {_first_line(exc)}") \
+                from exc
+        entries: list[Entry] = []
+        for stream_name, rows in reply or []:
+            stream = _text(stream_name)
+            for raw_id, flat in rows:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                entries.append(Entry(stream, _text(raw_id), fields))
+        return entries
+
     def autoclaim(
         self, stream: str, min_idle_seconds: float, count: int,
-        on_lost: Callable[[list[str]], None],
+        on_lost: Callable[[list[str]], None], max_bytes: int | None = None,
     ) -> list[Entry]:
         """Claim entries idle on any consumer, following the cursor until ``0-0``.
 
@@ -358,46 +436,66 @@ class Source:
         claimed: list[Entry] = []
         cursor = "0-0"
         idle_ms = int(min_idle_seconds * 1000)
+        budget = max_bytes if max_bytes is not None else None
         with translated(f"XAUTOCLAIM {stream}", stream):
-            while True:
+            while len(claimed) < count and (budget is None or budget > 0):
+                # Each page asks for no more than is left of the count, and of the bytes
+                # at the largest valid entry size: the claims never pass either.
+                step = count - len(claimed)
+                if budget is not None:
+                    step = min(step, max(1, budget // LARGEST_ENTRY))
                 reply = self.client.xautoclaim(
-                    stream, self.group, self.consumer, idle_ms, start_id=cursor, count=count
+                    stream, self.group, self.consumer, idle_ms, start_id=cursor, count=step
                 )
                 cursor = _text(reply[0])
                 for entry_id, fields in reply[1]:
                     if entry_id is not None:
-                        claimed.append(Entry(stream, _text(entry_id), fields or {}))
+                        entry = Entry(stream, _text(entry_id), fields or {})
+                        claimed.append(entry)
+                        if budget is not None:
+                            budget -= entry.size
                 if len(reply) > 2 and reply[2]:
                     on_lost([_text(i) for i in reply[2]])
-                if cursor == "0-0" or len(claimed) >= count:
+                if cursor == "0-0":
                     break
         return claimed
 
     def claim_from(self, stream: str, consumers: Sequence[str], min_idle_seconds: float,
-                   count: int, on_lost: Callable[[list[str]], None]) -> list[Entry]:
-        """Claim up to ``count`` entries pending on these (dead) consumers and idle at least
+                   count: int, on_lost: Callable[[list[str]], None],
+                   max_bytes: int | None = None) -> list[Entry]:
+        """Claim up to ``count`` entries (and ``max_bytes``, sized as reads are: see
+        _READ_BOUNDED) pending on these (dead) consumers and idle at least
         ``min_idle_seconds`` (see _CLAIM_FROM). ``on_lost`` hears of each one that was
         pending there and is deleted from the stream, as each call answers."""
         claimed: list[Entry] = []
         idle_ms = int(min_idle_seconds * 1000)
+        budget = max_bytes
         with translated(f"XCLAIM {stream}", stream):
             for consumer in consumers:
-                if len(claimed) >= count:
-                    break
-                pending: Any = self.client.xpending_range(
-                    stream, self.group, min="-", max="+", count=count - len(claimed),
-                    consumername=consumer, idle=idle_ms)
-                ids = [_text(p["message_id"]) for p in pending]
-                if not ids:
-                    continue
-                reply: Any = self._claim_from(
-                    keys=[stream], args=[self.group, self.consumer, idle_ms, consumer, *ids])
-                got, lost = reply
-                if lost:
-                    on_lost([_text(i) for i in lost])
-                for raw_id, flat in got:
-                    fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
-                    claimed.append(Entry(stream, _text(raw_id), fields))
+                while len(claimed) < count and (budget is None or budget > 0):
+                    step = count - len(claimed)
+                    if budget is not None:
+                        step = min(step, max(1, budget // LARGEST_ENTRY))
+                    pending: Any = self.client.xpending_range(
+                        stream, self.group, min="-", max="+", count=step,
+                        consumername=consumer, idle=idle_ms)
+                    ids = [_text(p["message_id"]) for p in pending]
+                    if not ids:
+                        break
+                    reply: Any = self._claim_from(
+                        keys=[stream], args=[self.group, self.consumer, idle_ms, consumer,
+                                             *ids])
+                    got, lost = reply
+                    if lost:
+                        on_lost([_text(i) for i in lost])
+                    for raw_id, flat in got:
+                        fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                        entry = Entry(stream, _text(raw_id), fields)
+                        claimed.append(entry)
+                        if budget is not None:
+                            budget -= entry.size
+                    if not got and not lost:
+                        break  # the rest are no longer claimable from it
         return claimed
 
     def claim_own(self, stream: str, ids: Sequence[str],

@@ -20,7 +20,6 @@ import tenacity
 
 from dlq_worker import control
 from dlq_worker.config import Config
-from dlq_worker.decode import MAX_ENVELOPE_BYTES
 from dlq_worker.errors import (
     DatabaseUnavailable,
     RedisCommandError,
@@ -69,8 +68,6 @@ class Worker:
         self._replay: dict[str, str] = {}
         self._in_hand: dict[tuple[str, str], Entry] = {}
         self._bytes_in_hand = 0
-        #: The largest entry of the last read: how many the next read may take.
-        self._entry_size = float(MAX_ENVELOPE_BYTES)
         self._first_at: float | None = None
         #: (stream, id) -> when a rejected entry is due for its next delivery.
         self._retry_due: dict[tuple[str, str], float] = {}
@@ -313,33 +310,29 @@ class Worker:
             interval = min(interval, 0.2)
         self._next_discover = self.clock() + interval
 
+    def _room(self) -> tuple[int, int]:
+        """How many more entries, and how many more bytes, this batch may take."""
+        count = self.policy.room(len(self._in_hand))
+        return count, self.policy.byte_room(len(self._in_hand), self._bytes_in_hand)
+
     def _read(self, block: float) -> list[Entry]:
-        room = self.policy.room(len(self._in_hand), self._bytes_in_hand, self._entry_size)
-        if room == 0 or not self.streams:
+        count, budget = self._room()
+        if count == 0 or budget == 0 or not self.streams:
             if not self.streams:
                 self._wake.wait(min(block, 0.2))
             return []
-        if self._replay:
-            # Our own pending entries first (a restart): cursor past what we already took.
-            entries = self.source.read(self._replay, room, None)
-            seen = {e.stream for e in entries}
-            for stream in list(self._replay):
-                if stream not in seen:
-                    del self._replay[stream]
-            for entry in entries:
-                self._replay[entry.stream] = entry.id
-            if entries:
-                log.info("re-reading own pending entries",
-                         extra={"event": "replay", "entries": len(entries)})
-                return self._sized(entries)
-        return self._sized(self.source.read({s: ">" for s in self.streams}, room, block))
-
-    def _sized(self, entries: list[Entry]) -> list[Entry]:
-        """Learn the entry size from each read, so the next read's count keeps the bytes
-        in hand under ``batch_max_bytes`` (start from the largest valid envelope)."""
-        if entries:
-            self._entry_size = float(max(e.size for e in entries))
-        return entries
+        # Our own pending entries first (a restart): cursor past what we already took, one
+        # stream at a time, each read within the count and bytes left.
+        for stream, cursor in list(self._replay.items()):
+            entries = self.source.read({stream: cursor}, count, None, budget)
+            if not entries:
+                del self._replay[stream]
+                continue
+            self._replay[stream] = entries[-1].id
+            log.info("re-reading own pending entries",
+                     extra={"event": "replay", "entries": len(entries)})
+            return entries
+        return self.source.read({s: ">" for s in self.streams}, count, block, budget)
 
     def _take(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -415,17 +408,14 @@ class Worker:
         """Take over entries left pending by consumers that stopped (crashed workers), as
         many as the batch in hand has room for, learning their size as they come."""
         for stream in list(self.streams):
-            while True:
-                room = self.policy.room(len(self._in_hand), self._bytes_in_hand,
-                                        self._entry_size)
-                if room == 0:
-                    return
-                entries = self._sized(self.source.autoclaim(
-                    stream, float(self.config.worker.claim_idle), room,
-                    lambda ids, s=stream: self.flusher.lost(s, ids, "XAUTOCLAIM")))  # type: ignore[misc]
-                self._take_claimed(stream, entries, "claimed entries from idle consumers")
-                if len(entries) < room:
-                    break
+            count, budget = self._room()
+            if count == 0 or budget == 0:
+                return
+            entries = self.source.autoclaim(
+                stream, float(self.config.worker.claim_idle), count,
+                lambda ids, s=stream: self.flusher.lost(s, ids, "XAUTOCLAIM"),  # type: ignore[misc]
+                max_bytes=budget)
+            self._take_claimed(stream, entries, "claimed entries from idle consumers")
 
     def take_over_dead(self) -> None:
         """Claim at once what consumers whose heartbeat stopped were holding (see
@@ -436,12 +426,13 @@ class Worker:
             return
         after = float(self.config.worker.takeover_after)
         for stream in list(self.streams):
-            room = self.policy.room(len(self._in_hand), self._bytes_in_hand, self._entry_size)
-            if room == 0:
+            count, budget = self._room()
+            if count == 0 or budget == 0:
                 return
-            entries = self._sized(self.source.claim_from(
-                stream, dead, after, room,
-                lambda ids, s=stream: self.flusher.lost(s, ids, "XCLAIM")))  # type: ignore[misc]
+            entries = self.source.claim_from(
+                stream, dead, after, count,
+                lambda ids, s=stream: self.flusher.lost(s, ids, "XCLAIM"),  # type: ignore[misc]
+                max_bytes=budget)
             self._take_claimed(stream, entries,
                                "took over entries of consumers whose heartbeat stopped",
                                consumers=dead)
@@ -475,11 +466,15 @@ class Worker:
         for stream, entry_id in due:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            entries = self.source.claim_own(
-                stream, ids, lambda lost, s=stream: self.flusher.lost(s, lost, "XCLAIM"))  # type: ignore[misc]
             for entry_id in ids:
+                count, budget = self._room()
+                if count == 0 or budget == 0:
+                    return  # no room: the rest stay due, claimed once this batch is flushed
+                entries = self.source.claim_own(
+                    stream, [entry_id],
+                    lambda lost, s=stream: self.flusher.lost(s, lost, "XCLAIM"))  # type: ignore[misc]
                 self._retry_due.pop((stream, entry_id), None)
-            self._take(entries)
+                self._take(entries)
 
     # -- transient failures --
 

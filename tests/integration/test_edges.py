@@ -8,6 +8,7 @@ reason, or a counted and logged loss: never anything else.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +20,10 @@ from sqlalchemy import text
 
 from dlq_worker import heartbeat, metrics, producer, samples
 from dlq_worker.app import App
+from dlq_worker.source import LARGEST_ENTRY
 from dlq_worker.worker import Worker
 from tests.conftest import EVENTS, NOTIFICATIONS, Bed, OwnedBed, wait_until
+from tests.integration.test_ops import cli
 
 DEAD_NOTIFICATIONS = "audit:dead-letter:notifications"
 
@@ -235,3 +238,98 @@ def test_a_chain_locked_by_a_frozen_writer_stalls_only_its_own_rows(
         unhashed = conn.execute(text("SELECT count(*) FROM audit_events WHERE "
                                      "correlation_id = 'rr-frozen' AND event_hash IS NULL"))
         assert unhashed.scalar_one() == 0
+
+
+def _park_directly(bed: Bed, n: int) -> set[str]:
+    """n valid records parked in our dead-letter format (as after a long outage of a table)."""
+    ids: set[str] = set()
+    pipe = bed.client.pipeline(transaction=False)
+    for i in range(n):
+        record = samples.audit_event(bed.rng)
+        ids.add(record["event_id"])
+        pipe.xadd("audit:dead-letter:events", {
+            "message": producer.build_message(producer.AUDIT_EVENT, record),
+            "original_id": f"1-{i}", "original_stream": EVENTS, "reason": "missing_partition",
+            "error_class": "MissingPartition", "error": "no partition", "consumer": "w-1",
+            "final_retry_count": "5"})
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    return ids
+
+
+def test_replay_never_pushes_a_stream_past_the_producers_cap(bed: Bed) -> None:
+    # Given 12,000 parked records and no worker draining
+    _park_directly(bed, 12000)
+
+    # When they are replayed: the replay fills the stream to half the cap, waits for room,
+    # and stops with its own exit code, the rest still parked
+    result = cli(bed, "dead-letter", "replay", "--all", "--wait", "1")
+    assert result.returncode == 9, result.stdout + result.stderr
+    assert "no room" in result.stderr or "did not drain" in result.stderr
+    assert bed.depth(EVENTS) == 5000 and len(bed.parked()) == 7000
+
+    # Then a producer's capped write deletes none of the replayed records
+    bed.client.xadd(EVENTS, {"message": producer.build_message(
+        producer.AUDIT_EVENT, samples.audit_event(bed.rng))}, maxlen=10000, approximate=True)
+    assert bed.depth(EVENTS) == 5001
+
+
+def test_replay_paces_itself_against_the_drain(bed: Bed, start_worker: Any) -> None:
+    # Given 12,000 parked records and a worker draining
+    parked = _park_directly(bed, 12000)
+    start_worker(worker={"batch_size": 500})
+
+    # When they are all replayed with room for 2,000 at a time
+    deepest = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            deepest[0] = max(deepest[0], bed.depth(EVENTS))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = cli(bed, "dead-letter", "replay", "--all", "--max-fill", "0.2")
+    finally:
+        done.set()
+        sampler.join()
+
+    # Then every record is written, the stream never held more than the room allowed
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until(lambda: set(bed.event_ids()) >= parked, 120, "every replayed record written")
+    assert not bed.parked()
+    assert 0 < deepest[0] <= 2000
+
+
+def test_bytes_in_hand_stay_bounded_when_entry_sizes_change(
+        bed: Bed, start_worker: Any, monkeypatch: Any) -> None:
+    # Given 300 small entries, then 40 of ~800 KB, then small ones again, and a worker
+    # that records the bytes it holds after every read, claim and redelivery
+    from bench.workloads import big_messages
+
+    peak = [0]
+    real = Worker._take
+
+    def take(self: Worker, entries: Any) -> None:
+        real(self, entries)
+        peak[0] = max(peak[0], self._bytes_in_hand)
+
+    monkeypatch.setattr(Worker, "_take", take)
+    small = {r["event_id"] for r in bed.produce_events(300)}
+    for message in big_messages(40, size=800_000):
+        bed.xadd_raw(EVENTS, message)
+    small |= {r["event_id"] for r in bed.produce_events(300)}
+
+    # When it drains them
+    worker = start_worker()
+    wait_until(lambda: bed.drained(EVENTS), 90, "drained")
+
+    # Then every record is written, and the bytes held never passed the budget by more
+    # than one entry of the largest valid size
+    assert small <= set(bed.event_ids()) and bed.count("audit_events") == 640
+    budget = int(worker.app.config.worker.batch_max_bytes)
+    print(f"\n[bytes in hand] peak {peak[0]:,} B, budget {budget:,} B")
+    assert peak[0] <= budget + LARGEST_ENTRY

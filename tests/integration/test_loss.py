@@ -243,11 +243,12 @@ def test_a_new_redis_server_restarts_the_trim_count_without_hiding_later_losses(
         bed: Bed) -> None:
     # Given a count of 100 entries trimmed unread, taken on one Redis server (run_id A)
     from dlq_worker.monitor import _RAISE_LOST, RUN_ID_KEY
-    from dlq_worker.source import LOST_KEY
+    from dlq_worker.source import LEADER_KEY, LOST_KEY
     raise_lost = bed.client.register_script(_RAISE_LOST)
 
     def count(run_id: str, lost_unread: int) -> int:
-        return int(raise_lost(keys=[LOST_KEY, RUN_ID_KEY], args=[EVENTS, lost_unread, run_id]))
+        return int(raise_lost(keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
+                              args=[EVENTS, "dlq-worker", lost_unread, run_id, "1"]))
 
     assert count("A", 100) == 100
     # When the server changes (a failover, a restart that recreated the group at 0): no loss

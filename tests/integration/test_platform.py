@@ -8,20 +8,23 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psycopg2
+import pytest
 import redis
 import yaml
 
 from dlq_worker import producer, samples
-from tests.conftest import EVENTS, OwnedBed, fast_env, wait_until
+from tests.conftest import EVENTS, Bed, OwnedBed, fast_env, wait_until
 from tests.integration.test_auth import PG_PASSWORD, AuthServers, _no_secret
 from tests.integration.test_ops import cli
 from tests.integration.test_tls import _tls_client
+from tests.platform_double import PlatformRetryWorker
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -141,3 +144,133 @@ def test_the_platforms_own_files_are_enough_to_drain_over_tls_with_its_hmac_key(
     db0.close()
     admin.close()
 
+
+def _produce_for(bed: OwnedBed, seconds: float, per_tick: int, ids: set[str],
+                 maxlen: int = 10000) -> threading.Thread:
+    """Producers writing throughout, in the platform's format, capped as they cap."""
+
+    def run() -> None:
+        rng = random.Random(17)
+        client = redis.Redis(port=bed.redis_port, db=1)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pipe = client.pipeline(transaction=False)
+            for _ in range(per_tick):
+                record = samples.audit_event(rng)
+                ids.add(record["event_id"])
+                pipe.xadd(EVENTS, {"message": producer.build_message(
+                    producer.AUDIT_EVENT, record)}, maxlen=maxlen, approximate=True)
+            pipe.execute()
+            time.sleep(0.1)
+        client.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _platform_workers(bed: OwnedBed, n: int = 2) -> list[PlatformRetryWorker]:
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{bed.pg_port}/{bed.dbname}"
+    return [PlatformRetryWorker(bed.redis_port, url, name=f"worker-{i}").start()
+            for i in range(n)]
+
+
+@pytest.mark.fault
+def test_next_to_the_platforms_retry_worker_an_outage_counts_no_loss(
+        owned: OwnedBed, start_worker: Any, caplog: Any) -> None:
+    # Given the platform's retry workers (their clock 30x faster) and two dlq-workers on the
+    # same stream, producers writing, and nothing ever trimmed (the cap is far away)
+    caplog.set_level(logging.ERROR)
+    produced: set[str] = set()
+    platform = _platform_workers(owned)
+    workers = [start_worker(owned.config(streams={"consumer": f"dlq-{i}"}))
+               for i in range(2)]
+    producers = _produce_for(owned, 30, 20, produced)
+
+    # When PostgreSQL is down for a while in the middle
+    time.sleep(5)
+    owned.pg_server.stop()
+    time.sleep(15)
+    owned.pg_server.start()
+    back = time.monotonic()
+    producers.join()
+    wait_until(lambda: set(owned.event_ids()) >= produced, 120, "every record written")
+    written_after = time.monotonic() - back
+    for p in platform:
+        p.stop()
+
+    # Then every record is a row, and not one loss was counted or logged
+    lost = sum(w.metric("dlq_worker_entries_trimmed_unread_total", stream=EVENTS)
+               + w.metric("dlq_worker_pending_deleted_total", stream=EVENTS) for w in workers)
+    alarms = [r for r in caplog.records if "AUDIT LOSS" in r.getMessage()]
+    print(f"\n[coexistence] {len(produced)} produced, {owned.count('audit_events')} rows, "
+          f"platform copies {sum(p.copied for p in platform)}, platform rows "
+          f"{sum(p.written for p in platform)}, counted lost {lost:.0f}, "
+          f"AUDIT LOSS lines {len(alarms)}, every record written {written_after:.1f}s after "
+          "PostgreSQL returned")
+    assert owned.count("audit_events") == len(produced)
+    assert lost == 0 and not alarms
+
+
+@pytest.mark.fault
+def test_next_to_the_platforms_retry_worker_trimming_during_an_outage_is_counted(
+        owned: OwnedBed, start_worker: Any, caplog: Any) -> None:
+    # Given the platform's retry workers and two dlq-workers on one stream capped at 1,000
+    caplog.set_level(logging.ERROR)
+    produced: set[str] = set()
+    platform = _platform_workers(owned)
+    workers = [start_worker(owned.config(streams={"max_length": 1000, "consumer": f"dlq-{i}"},
+                                         worker={"stats_interval": "300ms"}))
+               for i in range(2)]
+    time.sleep(2)
+
+    # When PostgreSQL is down while producers write far past the cap (they trim)
+    owned.pg_server.stop()
+    uncertain_max = 0.0
+    producers = _produce_for(owned, 12, 40, produced, maxlen=1000)
+    while producers.is_alive():
+        uncertain_max = max(uncertain_max, *(
+            w.metric("dlq_worker_entries_gone_unread_uncertain", stream=EVENTS)
+            for w in workers))
+        time.sleep(0.2)
+    time.sleep(3)
+    owned.pg_server.start()
+    wait_until(lambda: owned.drained(EVENTS) or owned.pending(EVENTS) == 0, 120, "drained")
+    time.sleep(3)
+    for p in platform:
+        p.stop()
+
+    # Then no record is counted lost that was written, and what is neither written nor
+    # counted is within the uncertain figure the worker reported
+    rows = len(set(owned.event_ids()) & produced)
+    certain = sum(w.metric("dlq_worker_entries_trimmed_unread_total", stream=EVENTS)
+                  for w in workers)
+    print(f"\n[coexistence, trimming] {len(produced)} produced, {rows} rows, certain loss "
+          f"{certain:.0f}, uncertain at most {uncertain_max:.0f}, unaccounted "
+          f"{len(produced) - rows - certain:.0f}")
+    assert certain > 0
+    assert rows + certain <= len(produced)
+    assert len(produced) - rows - certain <= uncertain_max
+
+
+def test_the_platforms_dead_letters_are_listed_shown_and_replayed_like_ours(
+        bed: Bed) -> None:
+    # Given a dead letter the platform's retry worker parked (its format: no reason, no
+    # consumer; retry_count 6 in the envelope, its last error there)
+    record = samples.audit_event(bed.rng)
+    message = producer.build_message(producer.AUDIT_EVENT, record, retry_count=6,
+                                     last_error="database write failed")
+    parked_id = bed.client.xadd("audit:dead-letter:events", {
+        "message": message, "original_id": "1-1", "moved_at": "2026-12-01T00:00:00Z",
+        "final_retry_count": "6"}).decode()
+
+    # Then our CLI lists it, says who parked it and why, and selects it by that reason
+    listed = json.loads(cli(bed, "dead-letter", "list", "--json").stdout)
+    assert [(e["id"], e["parked_by"], e["reason"], e["error"]) for e in listed] == [
+        (parked_id, "platform retry worker", "retries_exhausted", "database write failed")]
+    assert listed[0]["error_class"] == "PlatformRetriesExhausted"
+    text = cli(bed, "dead-letter", "list").stdout
+    assert "by platform retry worker" in text and "retries_exhausted" in text
+    replay = cli(bed, "dead-letter", "replay", "--reason", "retries_exhausted")
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert bed.depth(EVENTS) == 1 and not bed.parked()
