@@ -119,36 +119,51 @@ SNAPSHOT_WALK_LIMIT = 1000
 LOCK_PREFIX = "dlq-worker:trim-check:"
 
 #: Counts the entries trimmed before any group read them, from the figures of the group
-#: that has read furthest (the leader, ARGV[2]; its gone-unread figure ARGV[3]), and returns
-#: by how much the count rose, atomically: with several replicas polling, each loss is
-#: counted by exactly one, and a loss that happened while no worker ran is counted by the
-#: first one to start.
+#: that has read furthest (the leader, ARGV[2]; its gone-unread figure ARGV[3], its position
+#: ARGV[6]; the furthest any other group has read, ARGV[7]), and returns by how much the
+#: count rose, atomically: with several replicas polling, each loss is counted by exactly
+#: one, and a loss that happened while no worker ran is counted by the first one to start.
 #:
 #: Why the leader: the platform's retry worker deletes entries it has read (copy-and-XDEL),
 #: and we delete what we wrote. A group's gone-unread figure counts every entry deleted
-#: before that group read it, trimmed or deleted. Only entries some group has read are
-#: ever deleted, so none is ahead of the leader: what the leader finds gone unread was
-#: trimmed before anyone read it, a certain loss. When the lead changes hands, the new
-#: leader's figure already holds the old leader's deletions: it is a new baseline (-2).
-#: A new Redis server (ARGV[4], its run_id: a failover, a restart) is a new baseline too
-#: (-1). KEYS: the count, the run_id and the leader's last figure, hashes by stream.
+#: before that group read it, trimmed or deleted. Only entries some group has read are ever
+#: deleted, so a rise of the leader's figure is certain loss as long as no other group has
+#: read past where the leader was at the last count (then no deletion can lie in what the
+#: leader read since). Otherwise, or when the lead changed hands, the figure is a new
+#: baseline (-2): what happened in between is reported apart, as uncertain. A new Redis
+#: server (ARGV[4], its run_id: a failover, a restart) is a new baseline too (-1). KEYS: the
+#: count, the run_id and the leader's last figure ("name|figure|position"), hashes by stream.
 _RAISE_LOST = """
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then return false end
+  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
+  return tonumber(as) < tonumber(bs)
+end
 local rec = redis.call('HGET', KEYS[3], ARGV[1])
 local new = tonumber(ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+local function keep()
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[6])
+end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-  if rec then return -1 end
+  if rec then keep() return -1 end
 end
 if not rec then
+  keep()
   if ARGV[5] ~= '1' then return -2 end
   if new > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], new) end
   return new
 end
-local sep = string.find(rec, '|', 1, true)
-local leader, old = string.sub(rec, 1, sep - 1), tonumber(string.sub(rec, sep + 1))
-if leader ~= ARGV[2] then return -2 end
+local leader, old, pos = string.match(rec, '^(.*)|(%-?%d+)|([%d-]+)$')
+if leader == ARGV[2] and before(ARGV[6], pos) then
+  return 0  -- a snapshot older than the last count (another replica's): nothing new
+end
+if not leader or leader ~= ARGV[2] or before(pos, ARGV[7]) then keep() return -2 end
+old = tonumber(old)
 if new <= old then return 0 end
+keep()
 redis.call('HINCRBY', KEYS[1], ARGV[1], new - old)
 return new - old
 """
@@ -180,6 +195,9 @@ class StreamStats:
     #: it finds gone unread: trimmed before any group read them (see _RAISE_LOST).
     leader: str = ""
     leader_lost_unread: int | None = None
+    #: The leader's last-delivered ID, and the furthest any other group has read.
+    leader_position: str = "0-0"
+    others_position: str = "0-0"
     #: Gone before our group read them, but read by another group first: deleted by the
     #: platform's retry worker after its copy (no loss), written by it, or trimmed while it
     #: held them unwritten (a loss). Redis cannot tell which: an upper bound, reported apart.
@@ -224,17 +242,23 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
         stats.consumers = int(consumers)
         stats.lost_unread = _int_or_none(gone)
         stats.leader, stats.leader_lost_unread = config.streams.group, stats.lost_unread
-        ahead = _id(reply[9])
-        for name, last, other_gone in reply[10] or []:
-            if _id(last) > ahead:
-                ahead = _id(last)
-                stats.leader = _text(name)
-                stats.leader_lost_unread = _int_or_none(other_gone)
+        positions = [(_id(reply[9]), config.streams.group, stats.lost_unread)] + [
+            (_id(last), _text(name), _int_or_none(other_gone))
+            for name, last, other_gone in reply[10] or []]
+        ahead, stats.leader, stats.leader_lost_unread = max(
+            positions, key=lambda p: (p[0], p[1] == config.streams.group))
+        stats.leader_position = _id_text(ahead)
+        stats.others_position = _id_text(max(
+            (p[0] for p in positions if p[1] != stats.leader), default=(0, 0)))
         if stats.leader == config.streams.group:
             stats.uncertain_unread = 0 if stats.lost_unread is not None else None
         elif stats.lost_unread is not None and stats.leader_lost_unread is not None:
             stats.uncertain_unread = max(0, stats.lost_unread - stats.leader_lost_unread)
     return stats
+
+
+def _id_text(pair: tuple[int, int]) -> str:
+    return f"{pair[0]}-{pair[1]}"
 
 
 def _id(value: Any) -> tuple[int, int]:
@@ -433,7 +457,7 @@ class Monitor:
                 new = int(self._raise_lost(
                     keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
                     args=[s.stream, s.leader, s.leader_lost_unread, self._run_id,
-                          "1" if ours else "0"]))
+                          "1" if ours else "0", s.leader_position, s.others_position]))
             if new == -2:
                 log.info("another group has read furthest (or has stopped doing so): the "
                          "trimmed-unread count goes on from its figure",

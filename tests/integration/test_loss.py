@@ -248,7 +248,8 @@ def test_a_new_redis_server_restarts_the_trim_count_without_hiding_later_losses(
 
     def count(run_id: str, lost_unread: int) -> int:
         return int(raise_lost(keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
-                              args=[EVENTS, "dlq-worker", lost_unread, run_id, "1"]))
+                              args=[EVENTS, "dlq-worker", lost_unread, run_id, "1",
+                                    "9-0", "0-0"]))
 
     assert count("A", 100) == 100
     # When the server changes (a failover, a restart that recreated the group at 0): no loss

@@ -209,7 +209,8 @@ def test_next_to_the_platforms_retry_worker_an_outage_counts_no_loss(
           f"AUDIT LOSS lines {len(alarms)}, every record written {written_after:.1f}s after "
           "PostgreSQL returned")
     assert owned.count("audit_events") == len(produced)
-    assert lost == 0 and not alarms
+    assert lost == 0 and not alarms, [(getattr(r, "event", ""), getattr(r, "entries", ""))
+                                      for r in alarms]
 
 
 @pytest.mark.fault
