@@ -70,12 +70,14 @@ local function may_walk()
   end
   return walk
 end
+-- {gone, entries-read, entries present after the group's position}, each false if unknown.
+-- Without a read counter (a restart from the AOF, a promoted replica) Redis's lag is an
+-- estimate that counts every entry before the stream's head as read, trimmed or not: then
+-- the count goes on from the counter it last recorded, where the group has not moved since
+-- (see _RAISE_LOST).
 local function gone(g)
   local last, lag, read = get(g, 'last-delivered-id'), get(g, 'lag'), get(g, 'entries-read')
-  local unread = lag
-  if not unread and read and added then unread = added - read end
-  if not unread then return false end
-  local after
+  local after = false
   if length == 0 or (first and before(last, first[1])) then
     after = length
   elseif may_walk() then
@@ -84,13 +86,13 @@ local function gone(g)
       after = n
     else
       local m = #redis.call('XRANGE', KEYS[1], '-', last, 'COUNT', limit)
-      if m >= limit then return false end
-      after = length - m
+      if m < limit then after = length - m end
     end
-  else
-    return false
   end
-  return math.max(0, unread - after)
+  local unread = lag
+  if not unread and read and added then unread = added - read end
+  if not after or not unread then return {false, read, after} end
+  return {math.max(0, unread - after), read, after}
 end
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 for _, g in ipairs(groups) do
@@ -108,6 +110,7 @@ for _, g in ipairs(groups) do
       end
     end
     out[11] = others
+    out[12] = added
   end
 end
 return out
@@ -142,28 +145,44 @@ local function before(a, b)
   return tonumber(as) < tonumber(bs)
 end
 local rec = redis.call('HGET', KEYS[3], ARGV[1])
-local new = tonumber(ARGV[3])
-local function keep()
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[6])
+local rl, rg, rpos, rread, radded, rflag
+if rec then
+  rl, rg, rpos, rread, radded, rflag = string.match(
+    rec, '^(.*)|(%-?%d+)|([%d-]+)|(%-?%d*)|(%-?%d*)|(%a*)$')
+end
+local same = rl ~= nil and rl == ARGV[2] and rpos == ARGV[6]
+local new, read, added = tonumber(ARGV[3]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local recovered = false
+if not read and same and tonumber(rread) and added and tonumber(ARGV[10]) then
+  -- The counter is gone (a restart from the AOF, a promoted replica), the position is not:
+  -- no group read since, so the counter is still what it was at the last count.
+  read = tonumber(rread)
+  new = math.max(0, added - read - tonumber(ARGV[10]))
+  recovered = true
+end
+if not new then return -3 end
+local function keep(figure, flag)
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. figure .. '|' .. ARGV[6] .. '|' ..
+             (read or '') .. '|' .. (added or '') .. '|' .. flag)
 end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-  if rec then keep() return -1 end
+  if rl and not same then keep(new, '') return -1 end
 end
-if not rec then
-  keep()
+if not rl then
+  keep(new, '')
   if ARGV[5] ~= '1' then return -2 end
   if new > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], new) end
   return new
 end
-local leader, old, pos = string.match(rec, '^(.*)|(%-?%d+)|([%d-]+)$')
-if leader == ARGV[2] and before(ARGV[6], pos) then
+if rl == ARGV[2] and tonumber(radded) and added and added < tonumber(radded) then
   return 0  -- a snapshot older than the last count (another replica's): nothing new
 end
-if not leader or leader ~= ARGV[2] or before(pos, ARGV[7]) then keep() return -2 end
-old = tonumber(old)
-if new <= old then return 0 end
-keep()
+if rl ~= ARGV[2] or before(rpos, ARGV[7]) then keep(new, '') return -2 end
+if rflag == 'r' and not recovered then keep(new, '') return -2 end  -- counter estimated again
+local old = tonumber(rg)
+if new <= old then keep(old, rflag) return 0 end
+keep(new, recovered and 'r' or '')
 redis.call('HINCRBY', KEYS[1], ARGV[1], new - old)
 return new - old
 """
@@ -198,6 +217,11 @@ class StreamStats:
     #: The leader's last-delivered ID, and the furthest any other group has read.
     leader_position: str = "0-0"
     others_position: str = "0-0"
+    #: The leader's read counter and the entries present after it (None: unknown), and the
+    #: stream's entries-added: with them the count goes on where a counter was lost.
+    leader_read: int | None = None
+    leader_after: int | None = None
+    entries_added: int | None = None
     #: Gone before our group read them, but read by another group first: deleted by the
     #: platform's retry worker after its copy (no loss), written by it, or trimmed while it
     #: held them unwritten (a loss). Redis cannot tell which: an upper bound, reported apart.
@@ -240,13 +264,15 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
         stats.pending = int(pending)
         stats.lag = _int_or_none(lag)
         stats.consumers = int(consumers)
-        stats.lost_unread = _int_or_none(gone)
-        stats.leader, stats.leader_lost_unread = config.streams.group, stats.lost_unread
-        positions = [(_id(reply[9]), config.streams.group, stats.lost_unread)] + [
-            (_id(last), _text(name), _int_or_none(other_gone))
-            for name, last, other_gone in reply[10] or []]
-        ahead, stats.leader, stats.leader_lost_unread = max(
+        stats.lost_unread = _int_or_none(gone[0])
+        stats.entries_added = _int_or_none(reply[11]) if len(reply) > 11 else None
+        positions = [(_id(reply[9]), config.streams.group, gone)] + [
+            (_id(last), _text(name), other) for name, last, other in reply[10] or []]
+        ahead, stats.leader, figures = max(
             positions, key=lambda p: (p[0], p[1] == config.streams.group))
+        stats.leader_lost_unread = _int_or_none(figures[0])
+        stats.leader_read = _int_or_none(figures[1])
+        stats.leader_after = _int_or_none(figures[2])
         stats.leader_position = _id_text(ahead)
         stats.others_position = _id_text(max(
             (p[0] for p in positions if p[1] != stats.leader), default=(0, 0)))
@@ -255,6 +281,10 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
         elif stats.lost_unread is not None and stats.leader_lost_unread is not None:
             stats.uncertain_unread = max(0, stats.lost_unread - stats.leader_lost_unread)
     return stats
+
+
+def _arg(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 def _id_text(pair: tuple[int, int]) -> str:
@@ -451,13 +481,14 @@ class Monitor:
         m.dead_letter_oldest_age.labels(s.stream).set(s.dead_letter_oldest_age_seconds or 0.0)
         if s.uncertain_unread is not None:
             m.uncertain_unread.labels(s.stream).set(s.uncertain_unread)
-        if s.leader_lost_unread is not None:
+        if s.leader_lost_unread is not None or s.leader_after is not None:
             ours = s.leader == self.config.streams.group
             with translated(f"HSET {LOST_KEY}"):
                 new = int(self._raise_lost(
                     keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
-                    args=[s.stream, s.leader, s.leader_lost_unread, self._run_id,
-                          "1" if ours else "0", s.leader_position, s.others_position]))
+                    args=[s.stream, s.leader, _arg(s.leader_lost_unread), self._run_id,
+                          "1" if ours else "0", s.leader_position, s.others_position,
+                          _arg(s.leader_read), _arg(s.entries_added), _arg(s.leader_after)]))
             if new == -2:
                 log.info("another group has read furthest (or has stopped doing so): the "
                          "trimmed-unread count goes on from its figure",
@@ -471,7 +502,7 @@ class Monitor:
                             extra={"event": "trim_baseline_reset", "stream": s.stream,
                                    "run_id": self._run_id,
                                    "count_here": s.leader_lost_unread})
-            elif new:
+            elif new > 0:
                 m.trimmed_unread.labels(s.stream).inc(new)
                 log.error("AUDIT LOSS: entries trimmed from the DLQ before any group read "
                           "them", extra={"event": "trimmed_unread", "stream": s.stream,

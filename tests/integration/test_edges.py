@@ -333,3 +333,34 @@ def test_bytes_in_hand_stay_bounded_when_entry_sizes_change(
     budget = int(worker.app.config.worker.batch_max_bytes)
     print(f"\n[bytes in hand] peak {peak[0]:,} B, budget {budget:,} B")
     assert peak[0] <= budget + LARGEST_ENTRY
+
+
+@pytest.mark.fault
+def test_trimming_while_no_worker_runs_counts_across_a_redis_restart(
+        owned: OwnedBed, start_worker: Any) -> None:
+    # Given a worker that drained a first backlog and stopped
+    first = {r["event_id"] for r in owned.produce_events(50)}
+    worker = start_worker(owned.config())
+    wait_until(lambda: owned.drained(EVENTS) and owned.client.hget(
+        "dlq-worker:trimmed-unread:leader", EVENTS), 30, "drained, count taken")
+    worker.stop()
+
+    # When producers write 6,000 entries with an exact MAXLEN of 1,000 (5,000 trimmed unread)
+    # and Redis restarts from its AOF before any worker runs again
+    pipe = owned.client.pipeline(transaction=False)
+    kept: list[str] = []
+    for _ in range(6000):
+        record = samples.audit_event(owned.rng)
+        kept.append(record["event_id"])
+        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)},
+                  maxlen=1000, approximate=False)
+    pipe.execute()
+    owned.redis_server.stop()
+    owned.redis_server.start()
+
+    # Then the next worker counts the 5,000 as lost, and writes the 1,000 still there
+    again = start_worker(owned.config())
+    wait_until(lambda: again.metric("dlq_worker_entries_trimmed_unread_total",
+                                    stream=EVENTS) == 5000, 30, "loss counted")
+    wait_until(lambda: owned.drained(EVENTS), 60, "drained")
+    assert set(owned.event_ids()) == first | set(kept[-1000:])

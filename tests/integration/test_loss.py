@@ -246,16 +246,19 @@ def test_a_new_redis_server_restarts_the_trim_count_without_hiding_later_losses(
     from dlq_worker.source import LEADER_KEY, LOST_KEY
     raise_lost = bed.client.register_script(_RAISE_LOST)
 
-    def count(run_id: str, lost_unread: int) -> int:
+    def count(run_id: str, lost_unread: int, position: str, added: int) -> int:
         return int(raise_lost(keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
                               args=[EVENTS, "dlq-worker", lost_unread, run_id, "1",
-                                    "9-0", "0-0"]))
+                                    position, "0-0", 500, added, 0]))
 
-    assert count("A", 100) == 100
-    # When the server changes (a failover, a restart that recreated the group at 0): no loss
-    # is reported for the switch itself, it is a new baseline...
-    assert count("B", 0) == -1
-    # Then every entry trimmed after it is reported, once
-    assert count("B", 30) == 30
-    assert count("B", 90) == 60
-    assert count("B", 90) == 0
+    assert count("A", 100, "9-0", 600) == 100
+    # When the server changes and the group stands elsewhere (a failover to a replica that
+    # was behind, a restart that recreated the group at 0): no loss is reported for the
+    # switch itself, it is a new baseline...
+    assert count("B", 0, "5-0", 600) == -1
+    # Then every entry trimmed after it is reported, once; an older snapshot adds nothing
+    assert count("B", 30, "5-0", 630) == 30
+    assert count("B", 90, "5-0", 690) == 60
+    assert count("B", 90, "5-0", 690) == 0
+    assert count("B", 60, "5-0", 660) == 0
+    assert count("B", 95, "5-0", 695) == 5
