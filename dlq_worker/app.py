@@ -52,6 +52,7 @@ class App:
                              heartbeat=self.heartbeat)
         self.monitor = Monitor(config, self.metrics, self.health, self.sink,
                                streams=lambda: list(self.worker.streams))
+        self.worker.before_first_read = self.monitor.count_before_reading
         self.http: HttpServer | None = None
         if config.http.enabled:
             try:

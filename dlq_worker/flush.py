@@ -126,6 +126,16 @@ class Flusher:
         parked: audit records lost to trimming (or deletion) outside the worker."""
         if not ids:
             return
+        ids, by_reader = self.source.split_deleted(stream, ids)
+        if by_reader:
+            self.metrics.pending_deleted_uncertain.labels(stream).inc(len(by_reader))
+            log.warning("pending entries were deleted from the stream by another reader (the "
+                        "platform's retry worker deletes an entry after copying or parking "
+                        "it): not counted as lost", extra={
+                            "event": "pending_deleted_by_reader", "stream": stream,
+                            "entries": len(by_reader), "ids": by_reader[:50], "seen_by": how})
+        if not ids:
+            return
         self.metrics.pending_deleted.labels(stream).inc(len(ids))
         log.error("AUDIT LOSS: pending entries were deleted from the stream before being "
                   "written", extra={"event": "pending_deleted", "stream": stream,

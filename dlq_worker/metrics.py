@@ -71,6 +71,11 @@ class Metrics:
             f"{p}_pending_deleted_total",
             "Pending IDs whose entry was already deleted from the stream.",
             ["stream"], registry=r)
+        self.pending_deleted_uncertain = Counter(
+            f"{p}_pending_deleted_by_reader_total",
+            "Pending IDs whose entry another reader of the stream deleted (at or after the "
+            "stream's head, so not trimmed): the platform's retry worker deletes an entry after "
+            "copying or parking it. Not counted as lost.", ["stream"], registry=r)
         self.trimmed_unread = Counter(
             f"{p}_entries_trimmed_unread_total",
             "Entries deleted from a DLQ stream (producer MAXLEN trimming) before the group "
@@ -205,6 +210,7 @@ class Metrics:
         self.deferred.labels(stream)
         self.pending_deleted.labels(stream)
         self.trimmed_unread.labels(stream)
+        self.pending_deleted_uncertain.labels(stream)
         self.uncertain_unread.labels(stream)
         self.consumers_removed.labels(stream)
         for reason in sorted(REASONS):

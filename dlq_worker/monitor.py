@@ -7,6 +7,7 @@ readiness with pings of both servers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -365,6 +366,10 @@ class Monitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        # A last count where the group now stands (after the final flush): if Redis restarts
+        # before the next worker, the count goes on from it (see _RAISE_LOST).
+        with contextlib.suppress(Exception):
+            self.poll()
         self.client.close()
         if self.elsewhere is not None:
             self.elsewhere.close()
@@ -467,6 +472,15 @@ class Monitor:
         self.health.set_other_databases(
             f"DLQ streams in other Redis databases (this worker drains DB {own}): {text}"
             if found else "")
+
+    def count_before_reading(self, stream: str) -> None:
+        """The loss count of a stream the loop is about to read for the first time: where
+        Redis lost the group's read counter (a restart, a failover), the count can go on
+        only while the group stands where it stood (see _RAISE_LOST)."""
+        try:
+            self.record(stream_stats(self.client, self.config, stream))
+        except Exception as exc:  # the regular poll tries again
+            log.debug("first count failed", extra={"stream": stream, "error": str(exc)[:200]})
 
     def record(self, s: StreamStats) -> None:
         m = self.metrics

@@ -521,6 +521,24 @@ class Source:
                     entries.append(Entry(stream, _text(raw_id), fields))
         return entries
 
+    def split_deleted(self, stream: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Of pending IDs whose entry is gone: (trimmed, or deleted with no other reader on
+        the stream: lost), (deleted at or after the stream's head while another group reads
+        it: trimming takes only the head, so another reader deleted it; the platform's retry
+        worker deletes only what it has copied or parked). Unknown: all lost."""
+        try:
+            info: Any = self.client.xinfo_stream(stream)
+            groups: Any = self.client.xinfo_groups(stream)
+        except redis.RedisError:
+            return list(ids), []
+        others = [g for g in groups if _text(g.get("name", b"")) != self.group]
+        first = info.get("first-entry")
+        if not others or not first:
+            return list(ids), []
+        head = _id_pair(_text(first[0]))
+        lost = [i for i in ids if _id_pair(i) < head]
+        return lost, [i for i in ids if _id_pair(i) >= head]
+
     def touch(self, stream: str, ids: Sequence[str]) -> list[str]:
         """Reset the idle time of entries we hold (XCLAIM JUSTID: the count is not bumped),
         so that other workers do not claim them while we wait out an outage. Returns the
@@ -654,6 +672,11 @@ def _entries(reply: Any) -> Iterator[Entry]:
         for entry_id, fields in rows:
             if entry_id is not None:
                 yield Entry(stream, _text(entry_id), fields or {})
+
+
+def _id_pair(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:

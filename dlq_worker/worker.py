@@ -54,6 +54,8 @@ class Worker:
     ) -> None:
         self.config = config
         self.heartbeat = heartbeat
+        #: Told of each stream just before the loop first reads it (the monitor's count).
+        self.before_first_read: Callable[[str], None] = lambda stream: None
         self.source = source
         self.sink = sink
         self.metrics = metrics
@@ -296,6 +298,7 @@ class Worker:
                 table = self.source.route(stream)
                 assert table is not None
                 self.source.ensure_group(stream)
+                self.before_first_read(stream)
                 self.streams[stream] = table
                 self._replay[stream] = "0"
                 self.metrics.init_stream(stream, table)
