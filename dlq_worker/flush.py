@@ -129,9 +129,9 @@ class Flusher:
         ids, by_reader = self.source.split_deleted(stream, ids)
         if by_reader:
             self.metrics.pending_deleted_uncertain.labels(stream).inc(len(by_reader))
-            log.warning("pending entries were deleted from the stream by another reader (the "
-                        "platform's retry worker deletes an entry after copying or parking "
-                        "it): not counted as lost", extra={
+            log.warning("pending entries were deleted from the stream while another group "
+                        "reads it (the platform's retry worker deletes an entry after copying "
+                        "or parking it): not counted as lost", extra={
                             "event": "pending_deleted_by_reader", "stream": stream,
                             "entries": len(by_reader), "ids": by_reader[:50], "seen_by": how})
         if not ids:

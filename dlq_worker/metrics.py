@@ -73,9 +73,10 @@ class Metrics:
             ["stream"], registry=r)
         self.pending_deleted_uncertain = Counter(
             f"{p}_pending_deleted_by_reader_total",
-            "Pending IDs whose entry another reader of the stream deleted (at or after the "
-            "stream's head, so not trimmed): the platform's retry worker deletes an entry after "
-            "copying or parking it. Not counted as lost.", ["stream"], registry=r)
+            "Pending IDs whose entry was deleted while another group reads the stream (at or "
+            "below its max-deleted-entry-id: deleted, or perhaps trimmed): the platform's retry "
+            "worker deletes an entry after copying or parking it. Not counted as lost.",
+            ["stream"], registry=r)
         self.trimmed_unread = Counter(
             f"{p}_entries_trimmed_unread_total",
             "Entries deleted from a DLQ stream (producer MAXLEN trimming) before the group "

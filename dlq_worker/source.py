@@ -522,22 +522,22 @@ class Source:
         return entries
 
     def split_deleted(self, stream: str, ids: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Of pending IDs whose entry is gone: (trimmed, or deleted with no other reader on
-        the stream: lost), (deleted at or after the stream's head while another group reads
-        it: trimming takes only the head, so another reader deleted it; the platform's retry
-        worker deletes only what it has copied or parked). Unknown: all lost."""
+        """Of pending IDs whose entry is gone: (lost: trimmed, or deleted with no other
+        reader on the stream), (deleted, or perhaps trimmed, while another group reads the
+        stream: the platform's retry worker deletes what it has copied or parked). An ID
+        above the stream's max-deleted-entry-id was never deleted (XDEL sets that, trimming
+        does not): it was trimmed, a loss. Unknown: all lost."""
         try:
             info: Any = self.client.xinfo_stream(stream)
             groups: Any = self.client.xinfo_groups(stream)
         except redis.RedisError:
             return list(ids), []
         others = [g for g in groups if _text(g.get("name", b"")) != self.group]
-        first = info.get("first-entry")
-        if not others or not first:
+        deleted = info.get("max-deleted-entry-id")
+        if not others or deleted is None:
             return list(ids), []
-        head = _id_pair(_text(first[0]))
-        lost = [i for i in ids if _id_pair(i) < head]
-        return lost, [i for i in ids if _id_pair(i) >= head]
+        top = _id_pair(_text(deleted))
+        return ([i for i in ids if _id_pair(i) > top], [i for i in ids if _id_pair(i) <= top])
 
     def touch(self, stream: str, ids: Sequence[str]) -> list[str]:
         """Reset the idle time of entries we hold (XCLAIM JUSTID: the count is not bumped),

@@ -275,3 +275,45 @@ def test_the_platforms_dead_letters_are_listed_shown_and_replayed_like_ours(
     replay = cli(bed, "dead-letter", "replay", "--reason", "retries_exhausted")
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert bed.depth(EVENTS) == 1 and not bed.parked()
+
+
+@pytest.mark.fault
+def test_next_to_the_platform_in_the_other_start_order_with_both_sides_restarted(
+        owned: OwnedBed, start_worker: Any, caplog: Any) -> None:
+    # Given two dlq-workers started first, producers writing, and the platform's retry
+    # workers starting only afterwards
+    caplog.set_level(logging.ERROR)
+    produced: set[str] = set()
+    workers = [start_worker(owned.config(streams={"consumer": f"dlq-{i}"}))
+               for i in range(2)]
+    producers = _produce_for(owned, 30, 20, produced)
+    time.sleep(3)
+    platform = _platform_workers(owned)
+
+    # When PostgreSQL is down for a while, and during it one dlq-worker and one platform pod
+    # restart (new consumer names, as new pods have)
+    time.sleep(2)
+    owned.pg_server.stop()
+    time.sleep(5)
+    workers[0].stop()
+    platform[0].stop()
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{owned.pg_port}/{owned.dbname}"
+    platform[0] = PlatformRetryWorker(owned.redis_port, url, name="worker-9").start()
+    workers.append(start_worker(owned.config(streams={"consumer": "dlq-9"})))
+    time.sleep(5)
+    owned.pg_server.start()
+    producers.join()
+    wait_until(lambda: set(owned.event_ids()) >= produced, 120, "every record written")
+    for p in platform:
+        p.stop()
+
+    # Then every record is a row, and no loss was counted or logged
+    lost = sum(w.metric("dlq_worker_entries_trimmed_unread_total", stream=EVENTS)
+               + w.metric("dlq_worker_pending_deleted_total", stream=EVENTS) for w in workers)
+    alarms = [r for r in caplog.records if "AUDIT LOSS" in r.getMessage()]
+    print(f"\n[coexistence, restarts] {len(produced)} produced, "
+          f"{owned.count('audit_events')} rows, counted lost {lost:.0f}, "
+          f"AUDIT LOSS lines {len(alarms)}")
+    assert owned.count("audit_events") == len(produced)
+    assert lost == 0 and not alarms, [(getattr(r, "event", ""), getattr(r, "entries", ""))
+                                      for r in alarms]
