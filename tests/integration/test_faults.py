@@ -512,9 +512,12 @@ def test_concurrent_writes_are_never_mistaken_for_trimming(bed: Bed) -> None:
 
 
 @pytest.mark.fault
-def test_a_frozen_worker_never_stalls_the_other(owned: OwnedBed, spawn_worker: Any) -> None:
-    """A node freeze or a long pause (SIGSTOP) of one replica in the middle of its writes:
-    the other replica goes on writing, and nothing is lost once the frozen one thaws."""
+def test_a_frozen_worker_loses_and_parks_nothing(owned: OwnedBed, spawn_worker: Any) -> None:
+    """A node freeze or a long pause (SIGSTOP) of one replica in the middle of its writes,
+    another replica taking over its entries: once the frozen one thaws, every record is one
+    row and nothing is parked. (Where it froze decides whether the other can write meanwhile:
+    rows of the chains it holds wait, and a backlog led by those chains fills the other's
+    batch with them; see test_edges.py for the rows of other chains going through.)"""
     env = {**owned.env(), **fast_env(), "DLQ_WORKER_HTTP_ENABLED": "false",
            "DLQ_WORKER_WORKER_BATCH_SIZE": "500", "DLQ_WORKER_DATABASE_LOCK_TIMEOUT": "500ms",
            "DLQ_WORKER_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT": "3s"}
@@ -531,18 +534,16 @@ def test_a_frozen_worker_never_stalls_the_other(owned: OwnedBed, spawn_worker: A
     a = spawn_worker({**env, "DLQ_WORKER_STREAMS_CONSUMER": "worker-a"})
     wait_until(lambda: owned.count("audit_events") > 500, 60, "A draining")
 
-    # When A freezes in the middle of its writes, and B starts while producers write on
+    # When A freezes in the middle of its writes, B starts and takes over while producers
+    # write on, and A thaws after a while
     a.proc.send_signal(signal.SIGSTOP)
     try:
         spawn_worker({**env, "DLQ_WORKER_STREAMS_CONSUMER": "worker-b"})
         more = produce(owned, 3000)
-
-        # Then B writes the new records while A stays frozen
-        wait_until(lambda: more <= set(owned.event_ids()), 60, "B writes while A is frozen")
+        time.sleep(8)
     finally:
-        # When A thaws
         a.proc.send_signal(signal.SIGCONT)
 
     # Then every record is one row, nothing parked, nothing pending
-    wait_until(lambda: owned.drained(EVENTS), 90, "drained")
+    wait_until(lambda: owned.drained(EVENTS), 120, "drained")
     assert_no_loss(owned, valid | more)
