@@ -78,17 +78,12 @@ class OtherDatabases:
         client = self._client(db)
         known = self.found.setdefault(db, {})
         with translated(f"XLEN (db {db})"):
-            if known:
-                pipe = client.pipeline(transaction=False)
-                names = sorted(known)
-                for name in names:
-                    pipe.xlen(name)
-                for name, length in zip(names, pipe.execute(raise_on_error=False),
-                                        strict=True):
-                    if isinstance(length, int) and length > 0:
-                        known[name] = length
-                    else:
-                        del known[name]  # drained, deleted, or no longer a stream
+            lengths = _lengths(client, sorted(known))
+            for name in list(known):  # drained, deleted, or no longer a stream: forgotten
+                if name in lengths:
+                    known[name] = lengths[name]
+                else:
+                    del known[name]
             cursor = self._cursors.get(db, 0)
             pattern = glob_escape(self.prefix) + "*"
             new: list[str] = []
@@ -103,15 +98,18 @@ class OtherDatabases:
                 self._cursors.pop(db, None)
             else:
                 self._cursors[db] = cursor
-            fresh = [name for name in new if name not in known]
-            if fresh:
-                pipe = client.pipeline(transaction=False)
-                for name in fresh:
-                    pipe.xlen(name)
-                for name, length in zip(fresh, pipe.execute(raise_on_error=False),
-                                        strict=True):
-                    if isinstance(length, int) and length > 0:
-                        known[name] = length
+            known.update(_lengths(client, [name for name in new if name not in known]))
+
+
+def _lengths(client: redis.Redis, names: list[str]) -> dict[str, int]:
+    """XLEN of each name, pipelined; only the non-empty streams."""
+    if not names:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.xlen(name)
+    return {name: n for name, n in zip(names, pipe.execute(raise_on_error=False), strict=True)
+            if isinstance(n, int) and n > 0}
 
 
 #: For a one-shot command (status, doctor): keys SCAN may examine per database.

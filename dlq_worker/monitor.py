@@ -27,6 +27,17 @@ from dlq_worker.source import LEADER_KEY, LOST_KEY, make_client, translated
 
 log = logging.getLogger(__name__)
 
+#: Lua: whether stream ID a comes before b (both scripts compare positions).
+_BEFORE = """
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then return false end
+  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
+  return tonumber(as) < tonumber(bs)
+end
+"""
+
 #: One stream's figures in one atomic step: depth, first ID, parked depth, and for the
 #: group: pending, lag, consumers, and for it and every other group on the stream (the
 #: platform's own retry workers read it too) how many entries were deleted before that
@@ -40,17 +51,10 @@ log = logging.getLogger(__name__)
 #: entries each way, in one replica per interval (a lock key, KEYS[3], set for ARGV[3]
 #: ms), else "unknown" (false) for this poll. Losses are counted from totals since the
 #: group was created, so a loss is still reported at the next poll that can afford it.
-_SNAPSHOT = """
+_SNAPSHOT = _BEFORE + """
 local function get(t, name)
   for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
   return false
-end
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  if not am or not bm then return false end
-  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
-  return tonumber(as) < tonumber(bs)
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local first = get(info, 'first-entry')
@@ -137,14 +141,7 @@ LOCK_PREFIX = "dlq-worker:trim-check:"
 #: baseline (-2): what happened in between is reported apart, as uncertain. A new Redis
 #: server (ARGV[4], its run_id: a failover, a restart) is a new baseline too (-1). KEYS: the
 #: count, the run_id and the leader's last figure ("name|figure|position"), hashes by stream.
-_RAISE_LOST = """
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  if not am or not bm then return false end
-  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
-  return tonumber(as) < tonumber(bs)
-end
+_RAISE_LOST = _BEFORE + """
 local rec = redis.call('HGET', KEYS[3], ARGV[1])
 local rl, rg, rpos, rread, radded, rflag
 if rec then
