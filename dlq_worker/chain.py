@@ -239,33 +239,48 @@ class Chainer:
             heads[cid] = (digest, view["event_timestamp"], view["event_id"])
         return links, late, deferred
 
+    def lock(self, conn: Connection, correlations: Sequence[str]) -> set[str]:
+        """Take the advisory lock of each chain for this transaction; the chains left busy.
+        Taken again inside the transaction, a lock is had at once."""
+        return self._lock(conn, sorted(set(correlations)))
+
     def _lock(self, conn: Connection, correlations: list[str]) -> set[str]:
         """Lock each chain, in sorted order; the chains left busy.
 
-        Every lock is first only tried. A chain another writer holds is then waited on,
-        under a savepoint, for at most the session's lock_timeout; a cycle between
-        writers is broken by PostgreSQL's deadlock detector. A chain still locked after
-        that (a frozen replica in the middle of its write) is busy: its rows wait for a
-        later batch while the rest are written, and for ``busy_for`` it is only tried.
+        Every lock is first only tried, all at once. If one is held by another writer,
+        all are given back (a savepoint) and taken again one by one in sorted order,
+        each waited on for at most the session's lock_timeout: a writer that waits holds
+        no chain after the one it waits for, so writers never wait on each other in a
+        cycle. A chain still locked after that (a frozen replica in the middle of its
+        write) is busy: its rows wait for a later batch while the rest are written, and
+        for ``busy_for`` it is only tried.
         """
+        savepoint = conn.begin_nested()
         got = conn.execute(text(
             "SELECT c, pg_try_advisory_xact_lock(audit_event_lock_id(c)) FROM "
             "(SELECT c FROM unnest(CAST(:c AS text[])) AS c ORDER BY c) AS s"),
             {"c": correlations}).all()
+        if all(locked for _, locked in got):
+            savepoint.commit()
+            for cid in correlations:
+                self._busy_until.pop(cid, None)
+            return set()
+        savepoint.rollback()  # gives back every lock it took
         now = self.clock()
         busy: set[str] = set()
-        for cid, locked in got:
-            if locked:
-                self._busy_until.pop(cid, None)
-                continue
+        for cid in correlations:
             if self._busy_until.get(cid, 0.0) > now:
-                busy.add(cid)
+                # only tried: a try never waits, so it cannot close a cycle either
+                if not conn.execute(text("SELECT pg_try_advisory_xact_lock("
+                                         "audit_event_lock_id(:c))"), {"c": cid}).scalar():
+                    busy.add(cid)
                 continue
             savepoint = conn.begin_nested()
             try:
                 conn.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id(:c))"),
                              {"c": cid})
                 savepoint.commit()
+                self._busy_until.pop(cid, None)
             except sa_exc.DBAPIError as exc:
                 if getattr(exc.orig, "pgcode", None) not in _LOCK_GAVE_UP:
                     raise

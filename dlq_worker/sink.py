@@ -159,7 +159,8 @@ class Sink:
         for index, record in enumerate(records):
             by_table.setdefault(record.table, []).append(index)
         for table, indexes in by_table.items():
-            self._write_table(table, records, indexes, result)
+            for one_per_key in _passes(records, indexes):
+                self._write_table(table, records, one_per_key, result)
         return result
 
     def ping(self) -> None:
@@ -200,13 +201,17 @@ class Sink:
         # INSERT ... SELECT ... ON CONFLICT DO NOTHING; no savepoint.
         copy = self._copy_allowed()
         try:
-            with self._translated(), self.engine.begin() as conn:
-                if copy:
-                    self._copy_insert(conn, table, records, indexes, result)
-                else:
-                    self._insert(conn, table, records, indexes, result)
-                self._check_duplicates(conn, table, records, indexes, result)
-            return
+            for attempt in range(_RELINKS + 1):
+                with self._translated(), self.engine.begin() as conn:
+                    if copy:
+                        self._copy_insert(conn, table, records, indexes, result)
+                    else:
+                        self._insert(conn, table, records, indexes, result)
+                    if attempt < _RELINKS and _linked_but_skipped(indexes, result):
+                        conn.rollback()
+                        continue
+                    self._check_duplicates(conn, table, records, indexes, result)
+                return
         except RejectedError:
             pass
         except DatabaseUnavailable as exc:
@@ -361,6 +366,8 @@ class Sink:
         chainer = self._chainer(conn) if table == AUDIT_EVENTS else None
         if chainer is None:
             return [records[i].values for i in indexes], indexes
+        for i in indexes:  # a write done again links again
+            result.chained.pop(i, None)
         links, late, deferred = chainer.link(conn, records, indexes)
         for i in deferred:
             result.outcomes[i] = Outcome.DEFERRED
@@ -407,12 +414,23 @@ class Sink:
         result: WriteResult,
     ) -> None:
         tried_months: set[dt.date] = set()
+        chainer = self._chainer(conn) if table == AUDIT_EVENTS else None
+        if chainer is not None:
+            # Every chain of the batch locked once, in sorted order, outside the chunks'
+            # savepoints (a savepoint rolled back gives its locks back).
+            chainer.lock(conn, [str(records[i].values["correlation_id"]) for i in indexes])
         stack: list[list[int]] = [indexes]
+        relinks = 0
         while stack:
             chunk = stack.pop()
             savepoint = conn.begin_nested()
             try:
                 self._insert(conn, table, records, chunk, result)
+                if relinks < _RELINKS and _linked_but_skipped(chunk, result):
+                    relinks += 1
+                    savepoint.rollback()
+                    stack.append(chunk)
+                    continue
                 self._check_duplicates(conn, table, records, chunk, result)
                 savepoint.commit()
                 continue
@@ -489,6 +507,38 @@ class Sink:
             raise _translate(exc) from exc
         except sa_exc.SQLAlchemyError as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {_message(exc)}") from exc
+
+
+#: How often a write is redone because a row it linked into a chain was not stored.
+_RELINKS = 3
+
+
+def _passes(records: Sequence[Record], indexes: Sequence[int]) -> list[list[int]]:
+    """The rows in passes that hold each key once: a second record under a key is written
+    after the first one is stored, so it meets it as a duplicate or a conflict, and is
+    never linked into a chain it will not be stored in."""
+    passes: list[list[int]] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    for i in indexes:
+        key = tuple(records[i].key)
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        if n == len(passes):
+            passes.append([])
+        passes[n].append(i)
+    return passes
+
+
+def _linked_but_skipped(indexes: Sequence[int], result: WriteResult) -> bool:
+    """A row linked into its chain that the database did not store: another writer
+    stored its key first (under another chain, so no lock kept the two apart). Later
+    rows of its chain would point at a row that does not exist: link again, and the
+    key, committed now, is left out."""
+    skipped = [i for i in indexes
+               if result.chained.get(i) and result.outcomes[i] is Outcome.DUPLICATE]
+    for i in skipped:
+        del result.chained[i]
+    return bool(skipped)
 
 
 #: What psycopg2 raises, unwrapped, for a value it cannot encode.
