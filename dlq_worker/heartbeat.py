@@ -3,9 +3,10 @@
 Without this, entries held by a consumer that died wait ``claim_idle`` (60 s) before
 another replica claims them: idleness is all Redis knows, and a live consumer may take a
 while over a batch. Here each worker beats in a thread of its own (not the loop, which may
-be busy in a long write): once a second it writes Redis's own clock into one hash per group,
-``dlq-worker:heartbeats:<group>``, under its consumer name. A consumer whose beat is older
-than ``takeover_after`` is dead, and its entries idle at least that long are claimed at once.
+be busy in a long write): ``takeover_after``/5 apart it writes Redis's own clock and its own
+``takeover_after`` into one hash per group, ``dlq-worker:heartbeats:<group>``, under its
+consumer name. A consumer whose beat is older than the ``takeover_after`` it beat for is
+dead, and its entries idle at least that long are claimed at once.
 
 Never while the owner still works on them: its beat thread keeps its entry fresh however
 long a write takes. A consumer that never beat (an older version) is not judged by this:
@@ -30,29 +31,40 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "dlq-worker:heartbeats:"
 
-#: Write our beat with Redis's own clock (replicas' clocks never compared).
+#: Write our beat with Redis's own clock (replicas' clocks never compared), and the
+#: ``takeover_after`` we beat for: "<ms>:<takeover ms>". A replica is judged by its own
+#: promise, not the judge's: during a rollout that lowers the setting, the old pods,
+#: beating less often, are not taken for dead.
 _BEAT = """
 local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], ARGV[1], t[1] * 1000 + math.floor(t[2] / 1000))
+redis.call('HSET', KEYS[1], ARGV[1], (t[1] * 1000 + math.floor(t[2] / 1000)) .. ':' .. ARGV[2])
 return 1
 """
 
-#: Consumers whose beat is older than ARGV[1] ms; beats older than ARGV[2] ms are removed
-#: (consumers gone for good: the hash does not grow with every pod that ever ran).
+#: Consumers whose beat is older than their own takeover_after (a bare number, from a
+#: version that did not say it, is judged by ours, ARGV[1] ms), each followed by that
+#: takeover_after in ms; beats older than ARGV[2] ms are removed (consumers gone for good:
+#: the hash does not grow with every pod that ever ran).
 _DEAD = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local beats = redis.call('HGETALL', KEYS[1])
 local dead = {}
 for i = 1, #beats, 2 do
-  -- A value that is not a number is no beat of ours: never judged, never removed.
-  local beat = tonumber(beats[i + 1])
+  -- A value that is no beat of ours is never judged, never removed.
+  local beat, after = string.match(beats[i + 1], '^(%d+):(%d+)$')
+  if beat then
+    beat, after = tonumber(beat), tonumber(after)
+  else
+    beat, after = tonumber(beats[i + 1]), tonumber(ARGV[1])
+  end
   if beat then
     local age = now - beat
-    if age > tonumber(ARGV[2]) then
+    if age > math.max(tonumber(ARGV[2]), after) then
       redis.call('HDEL', KEYS[1], beats[i])
-    elseif age > tonumber(ARGV[1]) then
+    elseif age > after then
       table.insert(dead, beats[i])
+      table.insert(dead, after)
     end
   end
 end
@@ -94,7 +106,8 @@ class Heartbeat:
 
     def beat(self) -> bool:
         try:
-            self._beat(keys=[self.key], args=[self.consumer])
+            self._beat(keys=[self.key],
+                       args=[self.consumer, int(self.takeover_after * 1000)])
         except redis.RedisError as exc:
             if self._flowing_since is not None:
                 log.debug("heartbeat failed", extra={"event": "heartbeat_failed",
@@ -105,17 +118,25 @@ class Heartbeat:
             self._flowing_since = self.clock()
         return True
 
-    def dead_consumers(self) -> list[str]:
-        """Other consumers whose beat stopped more than ``takeover_after`` ago; empty until
-        our own beats have flowed that long (after an outage everyone's beat is stale)."""
+    def dead_consumers(self) -> dict[str, float]:
+        """Other consumers whose beat stopped more than their own ``takeover_after`` ago,
+        with that setting in seconds; empty until our own beats have flowed for the
+        longest of them (after an outage everyone's beat is stale)."""
         since = self._flowing_since
-        if since is None or self.clock() - since < self.takeover_after:
-            return []
+        if since is None:
+            return {}
         with translated(f"heartbeats {self.key}"):
             found: Any = self._dead(keys=[self.key], args=[int(self.takeover_after * 1000),
                                                            int(self.forget_after * 1000)])
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in found or []]
-        return [n for n in names if n != self.consumer]
+        found = list(found or [])
+        flowing = self.clock() - since
+        dead = {}
+        for name, after_ms in zip(found[::2], found[1::2], strict=True):
+            consumer = name.decode() if isinstance(name, bytes) else str(name)
+            after = int(after_ms) / 1000
+            if consumer != self.consumer and flowing >= max(after, self.takeover_after):
+                dead[consumer] = after
+        return dead
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -427,18 +427,23 @@ class Worker:
         dead = self.heartbeat.dead_consumers()
         if not dead:
             return
-        after = float(self.config.worker.takeover_after)
+        # Each consumer's entries idle as long as its own takeover_after (see heartbeat.py).
+        by_after: dict[float, list[str]] = {}
+        for consumer, after in dead.items():
+            by_after.setdefault(after, []).append(consumer)
         for stream in list(self.streams):
-            count, budget = self._room()
-            if count == 0 or budget == 0:
-                return
-            entries = self.source.claim_from(
-                stream, dead, after, count,
-                lambda ids, s=stream: self.flusher.lost(s, ids, "XCLAIM"),  # type: ignore[misc]
-                max_bytes=budget)
-            self._take_claimed(stream, entries,
-                               "took over entries of consumers whose heartbeat stopped",
-                               consumers=dead)
+            for after, consumers in sorted(by_after.items()):
+                count, budget = self._room()
+                if count == 0 or budget == 0:
+                    return
+                entries = self.source.claim_from(
+                    stream, consumers, after, count,
+                    lambda ids, s=stream: self.flusher.lost(  # type: ignore[misc]
+                        s, ids, "XCLAIM"),
+                    max_bytes=budget)
+                self._take_claimed(stream, entries,
+                                   "took over entries of consumers whose heartbeat stopped",
+                                   consumers=consumers)
 
     def _take_claimed(self, stream: str, entries: list[Entry], message: str,
                       **facts: object) -> None:

@@ -364,3 +364,24 @@ def test_trimming_while_no_worker_runs_counts_across_a_redis_restart(
                                     stream=EVENTS) == 5000, 30, "loss counted")
     wait_until(lambda: owned.drained(EVENTS), 60, "drained")
     assert set(owned.event_ids()) == first | set(kept[-1000:])
+
+
+def test_a_beat_is_judged_by_the_beaters_own_takeover_after(bed: Bed) -> None:
+    # Given a live replica beating for takeover_after 3 s (a pod before a rollout that
+    # lowers it: it beats every 0.6 s), and a new replica judging with 0.3 s
+    old = heartbeat.Heartbeat(bed.client, "dlq-worker", "old-pod", 3.0, 600.0)
+    new = heartbeat.Heartbeat(bed.client, "dlq-worker", "new-pod", 0.3, 600.0)
+    old.beat()
+    new.beat()
+    time.sleep(1.0)
+    new.beat()
+    new._flowing_since = time.monotonic() - 10  # its own beats have flowed long enough
+
+    # When the new replica looks for dead consumers 1 s after the old one's last beat
+    # Then the old one is alive by its own promise
+    assert "old-pod" not in new.dead_consumers()
+
+    # and once it stops beating for longer than its own takeover_after, it is dead, and
+    # its entries are claimed after that idle time, not the judge's
+    time.sleep(2.5)
+    assert new.dead_consumers() == {"old-pod": 3.0}
