@@ -391,6 +391,11 @@ class Flusher:
         if done == 2:
             log.error("entry deleted from the stream while held: parked from memory",
                       extra={"event": "parked_from_memory", **describe_entry(entry)})
+        if done == 4:
+            self.progress()
+            log.info("entry already parked by the consumer that claimed it",
+                     extra={"event": "parked_by_other", **describe_entry(entry)})
+            return
         if done:
             self.progress()
             self.metrics.parked.labels(entry.stream, err.reason).inc()

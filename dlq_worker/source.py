@@ -31,20 +31,41 @@ log = logging.getLogger(__name__)
 #: It acts only while the entry is still pending on this consumer, so an entry
 #: another worker claimed (and will decide about itself) is never parked twice; an entry
 #: deleted from the stream while we held it is parked from what we hold (returns 2).
+#: Each park leaves a mark (KEYS[3], kept PARK_MARK_SECONDS) naming who parked it: an
+#: entry already parked is never parked again from memory, whether our own reply was
+#: lost (returns 3: ours) or another consumer claimed and parked it first (returns 4).
 _PARK = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #p == 0 or p[1][2] ~= ARGV[3] then
-  -- Not pending on us. Still in the stream: another worker has it. Gone from it
-  -- (trimmed while we held it): what we hold is the only copy left, so park that.
+  -- Not pending on us. Still in the stream: another worker has it.
   if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0 then return 0 end
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+  -- Gone from it: parked already (by us, a reply lost; or by whoever claimed it), or
+  -- trimmed while we held it, and then what we hold is the only copy left.
+  local by = redis.call('GET', KEYS[3])
+  if by then
+    if by == ARGV[3] then return 3 end
+    return 4
+  end
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
   return 2
 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
+
+#: How long a park's mark is kept (see _PARK): far past any retry of a lost reply and
+#: any consumer still working on an entry claimed from it.
+PARK_MARK_SECONDS = 7 * 24 * 3600
+PARK_MARK_PREFIX = "dlq-worker:parked:"
+
+
+def park_mark(stream: str, entry_id: str) -> str:
+    return f"{PARK_MARK_PREFIX}{stream}:{entry_id}"
+
 
 #: Removes a consumer only if it holds nothing, checked atomically: XGROUP
 #: DELCONSUMER drops the consumer's pending entries, which would strand them.
@@ -579,8 +600,9 @@ class Source:
     def park(self, entry: Entry, *, reason: str, error_class: str, error: str,
              deliveries: int, details: Mapping[str, str] | None = None) -> int:
         """Atomically move one entry to its dead-letter stream: 1 when moved, 2 when it
-        was gone from the stream and was parked from what we hold, 0 when another worker
-        has it."""
+        was gone from the stream and was parked from what we hold, 3 when we had parked
+        it already (a lost reply), 4 when another consumer parked it, 0 when another
+        worker has it."""
         fields: list[Any] = []
         message = entry.fields.get(b"message")
         fields += [b"message", message if message is not None else b""]
@@ -607,8 +629,9 @@ class Source:
             fields += [f"detail.{detail}".encode(), text[:1000]]
         with translated(f"park {entry.stream} {entry.id}", entry.stream):
             done = self._park(
-                keys=[entry.stream, self.dead_letter_stream(entry.stream)],
-                args=[self.group, entry.id, self.consumer, *fields],
+                keys=[entry.stream, self.dead_letter_stream(entry.stream),
+                      park_mark(entry.stream, entry.id)],
+                args=[self.group, entry.id, self.consumer, PARK_MARK_SECONDS, *fields],
             )
         return int(done)
 

@@ -385,3 +385,52 @@ def test_a_beat_is_judged_by_the_beaters_own_takeover_after(bed: Bed) -> None:
     # its entries are claimed after that idle time, not the judge's
     time.sleep(2.5)
     assert new.dead_consumers() == {"old-pod": 3.0}
+
+
+def _held_by(bed: Bed, consumer: str) -> Any:
+    """One valid entry read by ``consumer`` of the worker's group, as the worker holds it."""
+    from dlq_worker.source import Entry
+    bed.produce_events(1)
+    bed.client.xgroup_create(EVENTS, "dlq-worker", id="0")
+    [[_, [(raw_id, fields)]]] = bed.client.xreadgroup("dlq-worker", consumer, {EVENTS: ">"})
+    return Entry(EVENTS, raw_id.decode(), fields)
+
+
+def test_an_entry_parked_once_is_never_parked_again_when_the_reply_was_lost(
+        bed: Bed) -> None:
+    from dlq_worker.source import Source
+    entry = _held_by(bed, "w-1")
+    source = Source(bed.config(), "w-1")
+    try:
+        # Given a park that was done, its reply lost (the retry sees the state it left)
+        first = source.park(entry, reason="bad_payload", error_class="Malformed",
+                            error="x", deliveries=1)
+        # When the worker parks the entry again, as its retry does
+        again = source.park(entry, reason="bad_payload", error_class="Malformed",
+                            error="x", deliveries=1)
+    finally:
+        source.close()
+    # Then the second park knows it was done (ours), and one dead letter exists
+    assert (first, again) == (1, 3)
+    assert len(bed.parked()) == 1
+
+
+def test_an_entry_claimed_and_parked_by_another_is_not_parked_again_by_the_slow_one(
+        bed: Bed) -> None:
+    from dlq_worker.source import Source
+    # Given a slow but live consumer holding an entry, which another one claims and parks
+    entry = _held_by(bed, "slow")
+    bed.client.xclaim(EVENTS, "dlq-worker", "fast", 0, [entry.id])
+    slow, fast = Source(bed.config(), "slow"), Source(bed.config(), "fast")
+    try:
+        assert fast.park(entry, reason="bad_payload", error_class="Malformed", error="x",
+                         deliveries=2) == 1
+        # When the slow consumer, done at last, parks the entry from what it holds
+        late = slow.park(entry, reason="bad_payload", error_class="Malformed", error="x",
+                         deliveries=1)
+    finally:
+        slow.close()
+        fast.close()
+    # Then it learns the other parked it, and one dead letter exists
+    assert late == 4
+    assert len(bed.parked()) == 1
