@@ -19,7 +19,7 @@ from dlq_worker import doctor as doctor_mod
 from dlq_worker.cli import cli, config_options, flag_overrides, load_config
 from dlq_worker.config import Config, RedisConfig
 from dlq_worker.errors import ConfigError
-from dlq_worker.move import count_entries, stream_keys
+from dlq_worker.move import Pace, count_entries, stream_keys
 from dlq_worker.move import move as move_streams
 from dlq_worker.source import make_client, translated
 from dlq_worker.status import (
@@ -393,15 +393,29 @@ def doctor(config_path: str | None, as_json: bool, fail_on: str, **flags: Any) -
 @config_options
 @click.option("--to", "to_url", required=True, help="Target: redis[s]://host:port")
 @click.option("--db", "to_db", type=int, default=None, help="Target database (default: same).")
-def move(config_path: str | None, to_url: str, to_db: int | None, **flags: Any) -> None:
+@click.option("--max-fill", type=click.FloatRange(0.01, 0.9), default=0.5, show_default=True,
+              help="Never fill a DLQ stream on the target past this fraction of the "
+                   "producers' cap.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(0), default=600.0,
+              show_default=True, help="Seconds to wait for a worker there to make room.")
+def move(config_path: str | None, to_url: str, to_db: int | None, max_fill: float,
+         wait_seconds: float, **flags: Any) -> None:
     """Move every DLQ and dead-letter stream to another Redis, resumably, losing nothing.
 
-    Entries keep their IDs; each is deleted from the source only once verified on the
-    target. Safe to re-run after an interruption.
+    Entries keep their IDs; each is deleted from the source only once it is verified on
+    the target, or recorded there as copied (a worker on the target may have drained it
+    since). Safe to re-run after an interruption.
+
+    The producers cap each DLQ stream (XADD MAXLEN ~ streams.max_length) and trim the
+    oldest entries, read or not. So the move never fills a stream on the target past
+    --max-fill of the cap: while it is that full it waits for a worker there to drain it,
+    and after --wait seconds without room it stops (exit 9) with the rest still in the
+    source; run it again to go on.
 
     \b
     Example:
       dlq-worker move --to redis://dlq-redis:6379 --db 0
+      dlq-worker move --to redis://dlq-redis:6379 --max-fill 0.3 --wait 60
     """
     cfg = load_config(config_path, flags)
     target_cfg = RedisConfig(addr=to_url, db=cfg.redis.db if to_db is None else to_db,
@@ -416,7 +430,8 @@ def move(config_path: str | None, to_url: str, to_db: int | None, **flags: Any) 
         total = count_entries(source, stream_keys(source, cfg))
         with click.progressbar(length=total, label="moving", file=sys.stderr,
                                show_pos=True) as bar:
-            report = move_streams(source, target, cfg, progress=bar.update)
+            report = move_streams(source, target, cfg, progress=bar.update,
+                                  pace=Pace(max_fill=max_fill, wait=wait_seconds))
     finally:
         source.close()
         target.close()

@@ -21,33 +21,42 @@ from dlq_worker.errors import NoRoom, NotFound
 from dlq_worker.source import translated
 from dlq_worker.status import check_id, scan_streams
 
-#: Rebuilds the original entry (``message`` plus any ``original.<field>``) in its stream,
-#: only while that stream holds fewer than ARGV[2] entries ('full' otherwise: the check and
-#: the move are one step, so two replays at once cannot overfill it).
+#: Puts the original entry (ARGV[3..], rebuilt by ``original_fields``) back in its stream
+#: and deletes the dead letter ARGV[1], only while that stream holds fewer than ARGV[2]
+#: entries ('full' otherwise: the check and the move are one step, so two replays at once
+#: cannot overfill it) and only while the dead letter is still there (false otherwise).
 _REPLAY = """
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 'full' end
-local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
-if #e == 0 then return false end
-local f = e[1][2]
-local out = {}
-local message = nil
-local others = 0
-for i = 1, #f, 2 do
-  if f[i] == 'message' then message = f[i + 1]
-  elseif string.sub(f[i], 1, 9) == 'original.' then
-    out[#out + 1] = string.sub(f[i], 10)
-    out[#out + 1] = f[i + 1]
-    others = others + 1
-  end
-end
-if message ~= nil and (message ~= '' or others == 0) then
-  table.insert(out, 1, message)
-  table.insert(out, 1, 'message')
-end
-local id = redis.call('XADD', KEYS[2], '*', unpack(out))
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id
 """
+
+
+#: Arguments a Lua script can hand to one redis.call through unpack (its C stack holds
+#: about 8,000): entries with more fields are moved without a script.
+_LUA_ARGS = 7000
+
+
+def original_fields(fields: dict[bytes, bytes]) -> list[bytes]:
+    """The entry as the producer wrote it: ``message``, every ``original.<field>``, and the
+    fields past the park's limit kept whole in ``original_overflow_fields`` (latin-1 text,
+    a byte a char), in their order."""
+    out: list[bytes] = []
+    others = 0
+    for name, value in fields.items():
+        if name.startswith(b"original."):
+            out += [name[len(b"original."):], value]
+            others += 1
+        elif name == b"original_overflow_fields":
+            for n, v in json.loads(value):
+                out += [n.encode("latin-1"), v.encode("latin-1")]
+                others += 1
+    message = fields.get(b"message")
+    if message is not None and (message != b"" or others == 0):
+        out = [b"message", message, *out]
+    return out
 
 
 @dataclass(frozen=True)
@@ -222,8 +231,7 @@ class DeadLetters:
             waited = 0.0
             while True:
                 with translated(f"replay {entry.id}"):
-                    new_id = self._replay(keys=[entry.dead_letter_stream, target],
-                                          args=[entry.id, limit])
+                    new_id = self._move_back(entry, target, limit)
                 if new_id not in (b"full", "full"):
                     break
                 if waited >= wait:
@@ -241,6 +249,30 @@ class DeadLetters:
             if progress:
                 progress(1)
         return moved
+
+    def _move_back(self, entry: Parked, target: str, limit: int) -> Any:
+        """One entry back in ``target``, atomically (see _REPLAY): the new ID, 'full', or
+        None when it was no longer parked. An entry of more fields than a Lua call can
+        unpack goes through WATCH/MULTI instead, checked the same way."""
+        fields = original_fields(entry.fields)
+        if len(fields) <= _LUA_ARGS:
+            return self._replay(keys=[entry.dead_letter_stream, target],
+                                args=[entry.id, limit, *fields])
+        pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(entry.dead_letter_stream, target)  # type: ignore[no-untyped-call]
+                    if int(pipe.xlen(target)) >= limit:
+                        return "full"
+                    if not pipe.xrange(entry.dead_letter_stream, entry.id, entry.id):
+                        return None
+                    pipe.multi()
+                    pipe.xadd(target, pairs)  # type: ignore[arg-type]
+                    pipe.xdel(entry.dead_letter_stream, entry.id)
+                    return pipe.execute()[0]
+                except redis.WatchError:
+                    continue
 
     def purge(self, entries: list[Parked],
               progress: Callable[[int], None] | None = None) -> dict[str, int]:

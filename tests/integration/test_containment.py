@@ -263,3 +263,25 @@ def test_a_migration_that_allows_a_new_channel_is_obeyed_at_once(bed: Bed,
     # Then the record is written: the database decides which channels exist
     assert bed.count("notification_audit") == 1
     assert bed.parked("audit:dead-letter:notifications") == []
+
+
+@pytest.mark.parametrize("n", [300, 5000])  # through the script; past what it can unpack
+def test_replay_puts_back_every_field_of_an_entry_parked_with_hundreds(
+        bed: Bed, start_worker: Any, n: int) -> None:
+    from tests.integration.test_ops import cli
+    # Given an entry of n fields parked (the fields past the park's limit kept in
+    # original_overflow_fields), a worker no longer running
+    fields = {f"f{i}": f"v\xe9{i}" for i in range(n)}
+    bed.client.xadd(EVENTS, fields)  # type: ignore[arg-type]
+    worker = start_worker()
+    wait_until(lambda: bed.drained(EVENTS) and len(_parked(bed)) == 1, 30, "parked")
+    worker.stop()
+
+    # When it is replayed
+    result = cli(bed, "dead-letter", "replay", "--all")
+
+    # Then the stream holds it again with every field, exact, and it is no longer parked
+    assert result.returncode == 0, result.stderr
+    [(_, back)] = bed.client.xrange(EVENTS)
+    assert {k.decode(): v.decode() for k, v in back.items()} == fields
+    assert _parked(bed) == {}

@@ -331,3 +331,53 @@ def test_dead_letter_ageing_time_filters_paging_and_purge_older_than(bed: Bed) -
     assert listed() == [ids["2d"], ids["1h"]]
     bad = cli(bed, "dead-letter", "purge", "--older-than", "last week", "--yes")
     assert bad.returncode == 2 and "--older-than" in bad.stderr
+
+
+def test_move_run_again_after_the_target_drained_deletes_from_the_source_only(
+        bed: Bed, servers: Any, start_worker: Any) -> None:
+    other = servers.redis(appendonly=False)
+    target = redis.Redis(port=other.port, db=1)
+    valid = {r["event_id"] for r in bed.produce_events(50)}
+    kept = bed.client.xrange(EVENTS)
+    # Given a move interrupted after copying, before deleting from the source (the source
+    # still holds every entry, under the same IDs)
+    first = cli(bed, "move", "--to", f"redis://127.0.0.1:{other.port}")
+    assert first.returncode == 0, first.stderr
+    bed.client.delete(EVENTS)
+    for entry_id, fields in kept:
+        bed.client.xadd(EVENTS, fields, id=entry_id)
+    # and a worker on the target that has drained it since
+    start_worker(bed.config(redis={"addr": f"127.0.0.1:{other.port}"}))
+    wait_until(lambda: target.xlen(EVENTS) == 0, 30, "target drained")
+
+    # When the move is run again
+    again = cli(bed, "move", "--to", f"redis://127.0.0.1:{other.port}")
+
+    # Then it knows those entries were copied: it deletes them from the source and copies
+    # none of them again
+    assert again.returncode == 0, again.stderr
+    assert "copied 0" in again.stdout and "deleted from source 50" in again.stdout
+    assert bed.client.xlen(EVENTS) == 0 and target.xlen(EVENTS) == 0
+    assert set(bed.event_ids()) == valid
+    target.close()
+
+
+def test_move_never_fills_a_target_stream_past_the_producers_cap(
+        bed: Bed, servers: Any) -> None:
+    other = servers.redis(appendonly=False)
+    target = redis.Redis(port=other.port, db=1)
+    bed.produce_events(300)
+    # Given a cap of 100 and no worker draining the target
+    env = {"DLQ_WORKER_STREAMS_MAX_LENGTH": "100"}
+
+    # When the whole DLQ is moved there
+    result = cli(bed, "move", "--to", f"redis://127.0.0.1:{other.port}", "--wait", "1",
+                 env=env)
+
+    # Then it stops at half the cap with a clear message and exit 9, the rest still in
+    # the source: nothing for the producers' MAXLEN to trim
+    assert result.returncode == 9, result.stderr
+    assert "did not drain" in result.stderr and "still in the source" in result.stderr
+    assert target.xlen(EVENTS) == 50
+    assert bed.client.xlen(EVENTS) == 250
+    target.close()
