@@ -83,7 +83,10 @@ _CLAIM_OWN = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return {} end
 local r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
-if #r == 0 then return {'lost'} end
+if #r == 0 then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  return {'lost'}
+end
 return r
 """
 
@@ -98,7 +101,12 @@ for i = 5, #ARGV do
                        ARGV[4])
   if #p > 0 then
     local r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[i])
-    if #r == 0 then lost[#lost + 1] = ARGV[i] else claimed[#claimed + 1] = r[1] end
+    if #r == 0 then
+      lost[#lost + 1] = ARGV[i]
+      redis.call('RPUSH', KEYS[2], ARGV[i])
+    else
+      claimed[#claimed + 1] = r[1]
+    end
   end
 end
 return {claimed, lost}
@@ -112,11 +120,45 @@ for i = 2, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if #p > 0 then
     local r = redis.call('XCLAIM', KEYS[1], ARGV[1], p[1][2], 0, ARGV[i], 'JUSTID')
-    if #r == 0 then lost[#lost + 1] = ARGV[i] end
+    if #r == 0 then
+      lost[#lost + 1] = ARGV[i]
+      redis.call('RPUSH', KEYS[2], ARGV[i])
+    end
   end
 end
 return lost
 """
+
+#: XAUTOCLAIM, recording in KEYS[2] the IDs it drops from the PEL (their entries deleted).
+_AUTOCLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT',
+                     ARGV[5])
+local gone = r[3] or {}
+for i = 1, #gone do redis.call('RPUSH', KEYS[2], gone[i]) end
+return r
+"""
+
+#: Every pending ID Redis drops in one of our claims (its entry deleted: see each script
+#: above) is also pushed, in the same step, onto a list of ours: if the reply is lost on
+#: the wire, the next claim still hears of it. Counted IDs are then removed (idempotent).
+DELETED_PREFIX = "dlq-worker:deleted-pending:"
+
+_FORGET = """
+for i = 1, #ARGV do redis.call('LREM', KEYS[1], 1, ARGV[i]) end
+return 1
+"""
+
+#: A dead or removed consumer's list becomes ours, in one step.
+_ADOPT = """
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = 1, #ids do redis.call('RPUSH', KEYS[2], ids[i]) end
+redis.call('DEL', KEYS[1])
+return #ids
+"""
+
+
+def deleted_key(group: str, consumer: str, stream: str) -> str:
+    return f"{DELETED_PREFIX}{group}:{consumer}:{stream}"
 
 #: Where each stream's count of entries trimmed unread (since its group was created) lives,
 #: in the DLQ's database: a hash, outside the stream prefixes.
@@ -306,6 +348,11 @@ class Source:
         self._claim_own = self.client.register_script(_CLAIM_OWN)
         self._claim_from = self.client.register_script(_CLAIM_FROM)
         self._touch = self.client.register_script(_TOUCH)
+        self._autoclaim = self.client.register_script(_AUTOCLAIM)
+        self._forget = self.client.register_script(_FORGET)
+        self._adopt = self.client.register_script(_ADOPT)
+        #: Dropped IDs counted whose removal from our list is not confirmed yet.
+        self._counted: set[tuple[str, str]] = set()
         self._create_group = self.client.register_script(_CREATE_GROUP)
         self._create_routed = self.client.register_script(_CREATE_ROUTED)
         self._read_bounded = self.client.register_script(_READ_BOUNDED)
@@ -458,25 +505,27 @@ class Source:
         cursor = "0-0"
         idle_ms = int(min_idle_seconds * 1000)
         budget = max_bytes if max_bytes is not None else None
+        dropped = deleted_key(self.group, self.consumer, stream)
         with translated(f"XAUTOCLAIM {stream}", stream):
+            self.report_deleted(stream, on_lost)
             while len(claimed) < count and (budget is None or budget > 0):
                 # Each page asks for no more than is left of the count, and of the bytes
                 # at the largest valid entry size: the claims never pass either.
                 step = count - len(claimed)
                 if budget is not None:
                     step = min(step, max(1, budget // LARGEST_ENTRY))
-                reply = self.client.xautoclaim(
-                    stream, self.group, self.consumer, idle_ms, start_id=cursor, count=step
-                )
+                reply: Any = self._autoclaim(keys=[stream, dropped], args=[
+                    self.group, self.consumer, idle_ms, cursor, step])
                 cursor = _text(reply[0])
-                for entry_id, fields in reply[1]:
+                for entry_id, flat in reply[1]:
                     if entry_id is not None:
-                        entry = Entry(stream, _text(entry_id), fields or {})
+                        fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                        entry = Entry(stream, _text(entry_id), fields)
                         claimed.append(entry)
                         if budget is not None:
                             budget -= entry.size
                 if len(reply) > 2 and reply[2]:
-                    on_lost([_text(i) for i in reply[2]])
+                    self.report_deleted(stream, on_lost)
                 if cursor == "0-0":
                     break
         return claimed
@@ -491,7 +540,11 @@ class Source:
         claimed: list[Entry] = []
         idle_ms = int(min_idle_seconds * 1000)
         budget = max_bytes
+        dropped = deleted_key(self.group, self.consumer, stream)
         with translated(f"XCLAIM {stream}", stream):
+            for consumer in consumers:  # a dead consumer's unreported drops become ours
+                self._adopt(keys=[deleted_key(self.group, consumer, stream), dropped])
+            self.report_deleted(stream, on_lost)
             for consumer in consumers:
                 while len(claimed) < count and (budget is None or budget > 0):
                     step = count - len(claimed)
@@ -504,11 +557,11 @@ class Source:
                     if not ids:
                         break
                     reply: Any = self._claim_from(
-                        keys=[stream], args=[self.group, self.consumer, idle_ms, consumer,
-                                             *ids])
+                        keys=[stream, dropped], args=[self.group, self.consumer, idle_ms,
+                                                      consumer, *ids])
                     got, lost = reply
                     if lost:
-                        on_lost([_text(i) for i in lost])
+                        self.report_deleted(stream, on_lost)
                     for raw_id, flat in got:
                         fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
                         entry = Entry(stream, _text(raw_id), fields)
@@ -530,12 +583,14 @@ class Source:
         this call must not make us forget it.
         """
         entries: list[Entry] = []
+        dropped = deleted_key(self.group, self.consumer, stream)
         with translated(f"XCLAIM {stream}", stream):
+            self.report_deleted(stream, on_lost)
             for entry_id in ids:
-                reply: Any = self._claim_own(keys=[stream],
+                reply: Any = self._claim_own(keys=[stream, dropped],
                                              args=[self.group, self.consumer, entry_id])
                 if reply and reply[0] in (b"lost", "lost"):
-                    on_lost([entry_id])
+                    self.report_deleted(stream, on_lost)
                     continue
                 for raw_id, flat in reply or []:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
@@ -560,15 +615,35 @@ class Source:
         top = _id_pair(_text(deleted))
         return ([i for i in ids if _id_pair(i) > top], [i for i in ids if _id_pair(i) <= top])
 
-    def touch(self, stream: str, ids: Sequence[str]) -> list[str]:
+    def touch(self, stream: str, ids: Sequence[str],
+              on_lost: Callable[[list[str]], None]) -> None:
         """Reset the idle time of entries we hold (XCLAIM JUSTID: the count is not bumped),
-        so that other workers do not claim them while we wait out an outage. Returns the
-        IDs that were pending on us but whose entry is gone (lost to trimming)."""
+        so that other workers do not claim them while we wait out an outage. ``on_lost``
+        hears of the IDs that were pending on us but whose entry is gone."""
         if not ids:
-            return []
+            return
         with translated(f"XCLAIM JUSTID {stream}", stream):
-            lost: Any = self._touch(keys=[stream], args=[self.group, *ids])
-        return [_text(i) for i in lost or []]
+            self.report_deleted(stream, on_lost)
+            lost: Any = self._touch(keys=[stream, deleted_key(self.group, self.consumer,
+                                                              stream)],
+                                    args=[self.group, *ids])
+            if lost:
+                self.report_deleted(stream, on_lost)
+
+    def report_deleted(self, stream: str, on_lost: Callable[[list[str]], None]) -> None:
+        """Tell ``on_lost`` of the pending IDs our claims saw Redis drop (see DELETED_PREFIX)
+        and not told yet, then take them off our list: each is told once, whatever reply
+        was lost on the way (only a crash between the two steps can tell one twice)."""
+        key = deleted_key(self.group, self.consumer, stream)
+        ids = [_text(i) for i in self.client.lrange(key, 0, 999)]
+        if not ids:
+            return
+        fresh = [i for i in ids if (stream, i) not in self._counted]
+        if fresh:
+            on_lost(fresh)
+            self._counted.update((stream, i) for i in fresh)
+        self._forget(keys=[key], args=ids)
+        self._counted.difference_update((stream, i) for i in ids)
 
     def delivery_counts(self, stream: str, ids: Iterable[str]) -> dict[str, int]:
         """XPENDING's delivery counter for each ID still pending."""
@@ -658,6 +733,9 @@ class Source:
                 continue
             with translated(f"XGROUP DELCONSUMER {stream}", stream):
                 result = self._delete_consumer(keys=[stream], args=[self.group, name])
+                if int(result) >= 0:  # its unreported drops, if any, become ours
+                    self._adopt(keys=[deleted_key(self.group, name, stream),
+                                      deleted_key(self.group, self.consumer, stream)])
             if int(result) >= 0:
                 removed.append(name)
         return removed

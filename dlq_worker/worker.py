@@ -416,8 +416,7 @@ class Worker:
                 return
             entries = self.source.autoclaim(
                 stream, float(self.config.worker.claim_idle), count,
-                lambda ids, s=stream: self.flusher.lost(s, ids, "XAUTOCLAIM"),  # type: ignore[misc]
-                max_bytes=budget)
+                self._gone(stream, "XAUTOCLAIM"), max_bytes=budget)
             self._take_claimed(stream, entries, "claimed entries from idle consumers")
 
     def take_over_dead(self) -> None:
@@ -437,9 +436,7 @@ class Worker:
                 if count == 0 or budget == 0:
                     return
                 entries = self.source.claim_from(
-                    stream, consumers, after, count,
-                    lambda ids, s=stream: self.flusher.lost(  # type: ignore[misc]
-                        s, ids, "XCLAIM"),
+                    stream, consumers, after, count, self._gone(stream, "XCLAIM"),
                     max_bytes=budget)
                 self._take_claimed(stream, entries,
                                    "took over entries of consumers whose heartbeat stopped",
@@ -478,9 +475,8 @@ class Worker:
                 count, budget = self._room()
                 if count == 0 or budget == 0:
                     return  # no room: the rest stay due, claimed once this batch is flushed
-                entries = self.source.claim_own(
-                    stream, [entry_id],
-                    lambda lost, s=stream: self.flusher.lost(s, lost, "XCLAIM"))  # type: ignore[misc]
+                entries = self.source.claim_own(stream, [entry_id],
+                                                self._gone(stream, "XCLAIM"))
                 self._retry_due.pop((stream, entry_id), None)
                 self._take(entries)
 
@@ -526,16 +522,20 @@ class Worker:
         for stream, stream_ids in ids.items():
             # Redis down too (then nobody can claim them), or the stream gone: nothing to do.
             with contextlib.suppress(TransientError, StreamGone, RedisCommandError):
-                gone = self.source.touch(stream, stream_ids)
-                # Held ones are in memory: still written (or parked) from there. Only an
-                # entry waiting for its retry, which we do not hold, is lost.
-                self.flusher.lost(stream, [i for i in gone if (stream, i) not in held],
-                                  "XCLAIM")
-                kept = [i for i in gone if (stream, i) in held]
-                if kept:
-                    log.warning("entries in hand were deleted from the stream; written "
-                                "from memory", extra={"event": "trimmed_in_hand",
-                                                      "stream": stream, "ids": kept[:50]})
+                self.source.touch(stream, stream_ids, self._gone(stream, "XCLAIM"))
+
+    def _gone(self, stream: str, how: str) -> Callable[[list[str]], None]:
+        """What hears of pending IDs Redis dropped because their entry was deleted: a
+        loss, unless the entry is in hand (it is written, or parked, from memory)."""
+        def gone(ids: list[str]) -> None:
+            held = self.held()
+            kept = [i for i in ids if (stream, i) in held]
+            self.flusher.lost(stream, [i for i in ids if (stream, i) not in held], how)
+            if kept:
+                log.warning("entries in hand were deleted from the stream; written from "
+                            "memory", extra={"event": "trimmed_in_hand", "stream": stream,
+                                             "ids": kept[:50]})
+        return gone
 
     def _past_deadline(self, state: tenacity.RetryCallState) -> bool:
         """Give up once the shutdown deadline passed, or at once on a stop with nothing

@@ -7,6 +7,7 @@ reason, or a counted and logged loss: never anything else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -434,3 +435,44 @@ def test_an_entry_claimed_and_parked_by_another_is_not_parked_again_by_the_slow_
     # Then it learns the other parked it, and one dead letter exists
     assert late == 4
     assert len(bed.parked()) == 1
+
+
+@pytest.mark.parametrize("how", ["autoclaim", "takeover"])
+def test_ids_redis_drops_in_a_claim_whose_reply_is_lost_are_still_counted_once(
+        bed: Bed, how: str) -> None:
+    from dlq_worker.errors import TransientError
+    from dlq_worker.source import Source
+    from tests import netcut
+    # Given five entries pending on a dead consumer, two of them deleted from the stream
+    ids = [bed.xadd_raw(EVENTS, b"{}") for _ in range(5)]
+    bed.client.xgroup_create(EVENTS, "dlq-worker", id="0")
+    bed.client.xreadgroup("dlq-worker", "dead", {EVENTS: ">"})
+    with netcut.proxy(bed.redis_port) as cut:
+        source = Source(bed.config(redis={"addr": f"127.0.0.1:{cut.port}"}), "alive")
+        lost: list[str] = []
+
+        def claim() -> Any:
+            if how == "autoclaim":
+                return source.autoclaim(EVENTS, 0.1, 10, lost.extend)
+            return source.claim_from(EVENTS, ["dead"], 0.1, 10, lost.extend)
+        try:
+            claim()  # nothing idle long enough yet: nothing moves
+            bed.client.xdel(EVENTS, ids[1], ids[3])
+            time.sleep(0.3)
+            # When the claim that drops them runs, and its reply is lost on the wire
+            script = getattr(source, "_autoclaim", None) if how == "autoclaim" else \
+                source._claim_from
+            if script:
+                bed.client.script_load(script.script)  # its reply is the one lost
+            cut.lose_reply_to(script.sha.encode() if script else b"XAUTOCLAIM")
+            with contextlib.suppress(TransientError):
+                claim()
+            assert cut.lost.is_set()
+            # and the claim job runs again
+            time.sleep(0.3)
+            claim()
+            claim()
+        finally:
+            source.close()
+    # Then the two deleted entries are counted lost, each once
+    assert sorted(lost) == sorted([ids[1], ids[3]])
