@@ -78,6 +78,7 @@ class Flusher:
                  route: Callable[[str], str], clock: Callable[[], float] = time.monotonic,
                  remaining: Callable[[], float | None] = lambda: None,
                  progress: Callable[[], None] = lambda: None,
+                 keep_fresh: Callable[[], None] = lambda: None,
                  ) -> None:
         self.config = config
         self.source = source
@@ -91,6 +92,9 @@ class Flusher:
         self.remaining = remaining
         #: Told whenever an entry completes (written, parked, acknowledged, rescheduled).
         self.progress = progress
+        #: Called while a write is waited for: keeps what we hold from looking idle to
+        #: other workers' claims however long the write takes.
+        self.keep_fresh = keep_fresh
         self.systemic = SystemicDetector(config.worker.systemic_after)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         #: The batch being written in the background, if any.
@@ -147,12 +151,15 @@ class Flusher:
         self.holding |= {(e.stream, e.id) for e in entries}  # ours from now on
         batch = self.prepare(entries)
         self.finish()
-        if overlap and batch.records:
-            batch.future = self._pool.submit(self.write, batch)
-            self.inflight = batch
-        else:
-            self.complete(batch, self.retry(lambda: self.write(batch))
-                          if batch.records else None)
+        if not batch.records:
+            self.complete(batch, None)
+            return
+        # Written in the writer thread either way: the loop waits in _wait, which keeps
+        # what we hold fresh however long the write takes.
+        batch.future = self._pool.submit(self.write, batch)
+        self.inflight = batch
+        if not overlap:
+            self.finish()
 
     def finish(self) -> None:
         """Wait for the background batch, then acknowledge it (retrying while servers are
@@ -162,19 +169,21 @@ class Flusher:
             return
         assert batch.future is not None
         try:
-            result = self._wait(batch.future)
+            try:
+                result = self._wait(batch.future)
+            except TransientError:
+                result = self.retry(lambda: self._wait(self._pool.submit(self.write, batch)))
         except concurrent.futures.TimeoutError:
             self.inflight = batch  # still ours: left pending in Redis, redelivered later
             raise DatabaseUnavailable("shutdown deadline reached with a write in flight") \
                 from None
-        except TransientError:
-            result = self.retry(lambda: self.write(batch))
         self.complete(batch, result)
 
     def _wait(self, future: Future[WriteResult]) -> WriteResult:
         """The write's result; in short slices, so a stop requested meanwhile still bounds
-        the wait by its deadline."""
+        the wait by its deadline, and what we hold is kept fresh however long it takes."""
         while True:
+            self.keep_fresh()
             remaining = self.remaining()
             if remaining is not None and remaining <= 0:
                 raise concurrent.futures.TimeoutError

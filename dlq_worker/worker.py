@@ -82,7 +82,8 @@ class Worker:
         self._job_failures: dict[str, int] = {}
         self.flusher = Flusher(config, source, sink, metrics, self._with_retry,
                                self._retry_due, lambda s: self.streams.get(s, ""), clock,
-                               remaining=self._remaining, progress=health.progress)
+                               remaining=self._remaining, progress=health.progress,
+                               keep_fresh=self._keep_in_hand)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._deadline: float | None = None
@@ -510,10 +511,13 @@ class Worker:
         return result
 
     def _keep_in_hand(self) -> None:
-        """During a database outage, keep other workers from claiming what we hold."""
+        """During a database outage or a long write, keep other workers from claiming
+        what we hold (XCLAIM JUSTID every claim_idle/3 resets its idle time)."""
         now = self.clock()
+        if now - self._touched_at < float(self.config.worker.claim_idle) / 3:
+            return
         held = self.held()
-        if not held or now - self._touched_at < float(self.config.worker.claim_idle) / 3:
+        if not held:
             return
         self._touched_at = now
         ids: dict[str, list[str]] = {}

@@ -192,3 +192,22 @@ def test_taking_over_a_dead_consumer_counts_a_deleted_entry_lost_once(bed: Bed) 
     pending: Any = bed.client.xpending(EVENTS, GROUP)
     assert pending["pending"] == 2 and pending["consumers"] == [
         {"name": b"alive", "pending": 2}]
+
+
+def test_a_live_consumer_in_a_write_longer_than_claim_idle_keeps_its_entries(
+        bed: Bed, spawn_worker: Any) -> None:
+    # Given consumer A in a write that lasts three times claim_idle (no heartbeat: only
+    # idle time can tell B what is free), and B beside it
+    _slow_inserts(bed, 6)
+    env = {**bed.env(), **fast_env(), "DLQ_WORKER_WORKER_CLAIM_IDLE": "2s",
+           "DLQ_WORKER_WORKER_TAKEOVER_AFTER": "0", "DLQ_WORKER_WORKER_BATCH_SIZE": "50",
+           "DLQ_WORKER_HTTP_ENABLED": "false"}
+    a = spawn_worker({**env, "DLQ_WORKER_STREAMS_CONSUMER": "worker-a"})
+    bed.produce_events(30)
+    wait_until(lambda: _pending_on(bed).get("worker-a", 0) == 30, 30, "A holds all")
+    b = spawn_worker({**env, "DLQ_WORKER_STREAMS_CONSUMER": "worker-b"})
+    # When the write goes on past claim_idle, A alive
+    wait_until(lambda: bed.drained(EVENTS) and bed.count("audit_events") == 30, 40, "drained")
+    # Then A kept its entries fresh while it wrote: B never claimed them
+    assert '"event": "claimed"' not in b.output()
+    assert a.proc.poll() is None
