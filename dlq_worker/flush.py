@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dlq_worker.config import Config
-from dlq_worker.decode import Record, decode_entry
+from dlq_worker.decode import AUDIT_EVENTS, Record, decode_entry
 from dlq_worker.errors import (
     DatabaseUnavailable,
     DecodeError,
@@ -36,9 +36,14 @@ from dlq_worker.metrics import Metrics
 from dlq_worker.policy import reject_delay
 from dlq_worker.sink import Outcome, Sink, WriteResult
 from dlq_worker.source import Entry, Source, describe_entry
+from dlq_worker.source import id_pair as _id_key
 from dlq_worker.systemic import SystemicDetector
 
 log = logging.getLogger(__name__)
+
+#: How long an audit event waits at most for an older entry of its hash chain that another
+#: replica holds (see Flusher._in_chain_order).
+ORDER_WAIT = 10.0
 
 Retry = Callable[[Callable[[], Any]], Any]
 
@@ -105,6 +110,8 @@ class Flusher:
         #: Entries a write left for later (their hash chain was busy): the loop takes them
         #: back in hand, still unacknowledged, their delivery count untouched.
         self.deferred: list[Entry] = []
+        #: (stream, id) -> since when it waits for an older entry of its chain elsewhere.
+        self._order_since: dict[tuple[str, str], float] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -260,6 +267,50 @@ class Flusher:
             "event": "internal_error", "stage": stage, **facts, "error": str(err),
             "exception": err.details.get("exception"), "trace": err.details.get("trace")})
 
+    def _in_chain_order(self, batch: Batch) -> None:
+        """Leave for later the events of a hash chain of which another replica holds an
+        older entry (lower ID, same stream), not written yet: written first, ours would
+        make it late, and it would be written unhashed though it is on time. The lowest
+        entry of a chain is never held back, so the replicas never wait on each other in a
+        cycle; and none waits more than ORDER_WAIT (a frozen replica's entries are taken
+        over by then, or ours go on and that one is written as late)."""
+        chained = [i for i, r in enumerate(batch.records) if r.table == AUDIT_EVENTS]
+        if not chained or not self.sink.chaining:
+            return
+        top: dict[str, str] = {}
+        for i in chained:
+            entry = batch.record_entries[i]
+            if entry.stream not in top or _id_key(entry.id) > _id_key(top[entry.stream]):
+                top[entry.stream] = entry.id
+        elsewhere: dict[str, list[tuple[tuple[int, int], str]]] = {}
+        for stream, below in top.items():
+            try:
+                held = self.source.held_elsewhere(stream, below)
+            except TransientError:
+                return  # cannot tell: write as before (a late event at worst)
+            elsewhere[stream] = [(_id_key(i), c) for i, c in held if c]
+        if not any(elsewhere.values()):
+            return
+        now = self.clock()
+        wait: set[int] = set()
+        for i in chained:
+            entry = batch.record_entries[i]
+            cid = str(batch.records[i].correlation_id)
+            mine = _id_key(entry.id)
+            if any(k < mine and c == cid for k, c in elsewhere.get(entry.stream, ())):
+                since = self._order_since.setdefault((entry.stream, entry.id), now)
+                if now - since < ORDER_WAIT:
+                    wait.add(i)
+        if not wait:
+            return
+        for i in sorted(wait, reverse=True):
+            entry = batch.record_entries.pop(i)
+            batch.records.pop(i)
+            self.metrics.deferred.labels(entry.stream).inc()
+            self.deferred.append(entry)
+        if len(self._order_since) > 100_000:
+            self._order_since.clear()
+
     def prepare(self, entries: list[Entry]) -> Batch:
         batch = Batch(entries, self.clock())
         for entry in [e for e in entries if e.deleted]:
@@ -278,6 +329,7 @@ class Flusher:
                 err = internal_error("decode", exc)
                 self._count_internal("decode", err, entry)
                 batch.failed.append((entry, err))
+        self._in_chain_order(batch)
         return batch
 
     def complete(self, batch: Batch, result: WriteResult | None) -> None:
@@ -316,6 +368,8 @@ class Flusher:
             err = internal_error("ack", exc)
             self._count_internal("ack", err, ack[0] if ack else None)
         self.holding -= batch.held
+        for entry in ack:
+            self._order_since.pop((entry.stream, entry.id), None)
         if ack or failed:
             self.progress()
         self.metrics.batch_size.observe(len(batch.entries))

@@ -147,6 +147,11 @@ class Sink:
     def close(self) -> None:
         self.engine.dispose()
 
+    @property
+    def chaining(self) -> bool:
+        """Whether audit_events rows are linked into hash chains (True until decided)."""
+        return self._chain is not None or not self._chain_decided
+
     def write(self, records: Sequence[Record]) -> WriteResult:
         """Write every record, one transaction per table.
 

@@ -157,6 +157,30 @@ return #ids
 """
 
 
+_PLAIN_STRING = re.compile(r'((?:[^"\\]|\\.)*)"')
+_ESCAPED_STRING = re.compile(r'((?:[^\\]|\\\\)*)\\"')
+
+
+def _correlation(raw: Any) -> str:
+    """The correlation_id that _CORRELATIONS found the start of, "" if none or unsure."""
+    if not raw:
+        return ""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    kind, rest = text[:1], text[1:]
+    if kind == "1":
+        m = _PLAIN_STRING.match(rest)
+        body = m.group(1) if m else None
+    else:  # inside a JSON string: one level of escaping more
+        m = _ESCAPED_STRING.match(rest)
+        body = m.group(1).replace("\\\\", "\\") if m else None
+    if body is None:
+        return ""
+    try:
+        return str(json.loads('"' + body + '"'))
+    except ValueError:
+        return ""
+
+
 def deleted_key(group: str, consumer: str, stream: str) -> str:
     return f"{DELETED_PREFIX}{group}:{consumer}:{stream}"
 
@@ -192,6 +216,35 @@ return 1
 #: order of sizes. ARGV[6 + k]: ``>`` for new entries, or a cursor into our pending ones
 #: (deleted ones come back with no fields). XREADGROUP's COUNT is per stream: here the
 #: count and the budget are for the whole read.
+#: For each entry ID in ARGV, the text that follows its message's first
+#: ``"correlation_id":"`` (plain JSON: '1' then the text; the payload held as a JSON string,
+#: the key escaped: '2' then the text), at most 600 bytes of it; false when the entry is
+#: gone or has none. Read in place: the entries themselves never leave Redis.
+_CORRELATIONS = """
+local out = {}
+for i = 1, #ARGV do
+  local found = false
+  local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #e > 0 then
+    local f = e[1][2]
+    for j = 1, #f, 2 do
+      if f[j] == 'message' then
+        local v = f[j + 1]
+        local _, t = string.find(v, '"correlation_id"%s*:%s*"')
+        if t then
+          found = '1' .. string.sub(v, t + 1, t + 600)
+        else
+          _, t = string.find(v, '\\\\"correlation_id\\\\"%s*:%s*\\\\"')
+          if t then found = '2' .. string.sub(v, t + 1, t + 600) end
+        end
+      end
+    end
+  end
+  out[#out + 1] = found
+end
+return out
+"""
+
 _READ_BOUNDED = """
 local group, consumer = ARGV[1], ARGV[2]
 local left, budget, largest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -356,6 +409,9 @@ class Source:
         self._create_group = self.client.register_script(_CREATE_GROUP)
         self._create_routed = self.client.register_script(_CREATE_ROUTED)
         self._read_bounded = self.client.register_script(_READ_BOUNDED)
+        self._correlations = self.client.register_script(_CORRELATIONS)
+        #: entry ID -> correlation_id ("" when unknown), of entries other consumers hold
+        self._correlation_of: dict[tuple[str, str], str] = {}
 
     def close(self) -> None:
         self.client.close()
@@ -612,8 +668,8 @@ class Source:
         deleted = info.get("max-deleted-entry-id")
         if not others or deleted is None:
             return list(ids), []
-        top = _id_pair(_text(deleted))
-        return ([i for i in ids if _id_pair(i) > top], [i for i in ids if _id_pair(i) <= top])
+        top = id_pair(_text(deleted))
+        return ([i for i in ids if id_pair(i) > top], [i for i in ids if id_pair(i) <= top])
 
     def touch(self, stream: str, ids: Sequence[str],
               on_lost: Callable[[list[str]], None]) -> None:
@@ -629,6 +685,33 @@ class Source:
                                     args=[self.group, *ids])
             if lost:
                 self.report_deleted(stream, on_lost)
+
+    def held_elsewhere(self, stream: str, below: str, limit: int = 5000,
+                       ) -> list[tuple[str, str]]:
+        """(ID, correlation_id) of entries below ``below`` that other consumers of our
+        group hold (read, not yet acknowledged), oldest first, at most ``limit``; the
+        correlation_id is "" where it cannot be told. One XPENDING, and for IDs not seen
+        before one script that reads only the correlation_id (see _CORRELATIONS)."""
+        with translated(f"XPENDING {stream}", stream):
+            summary: Any = self.client.xpending(stream, self.group)
+            others = [c for c in summary.get("consumers") or []
+                      if _text(c["name"]) != self.consumer]
+            if not others:
+                return []
+            rows: Any = self.client.xpending_range(stream, self.group, min="-",
+                                                   max="(" + below, count=limit)
+            ids = [_text(r["message_id"]) for r in rows
+                   if _text(r["consumer"]) != self.consumer]
+            unknown = [i for i in ids if (stream, i) not in self._correlation_of]
+            if unknown:
+                if len(self._correlation_of) > 50_000:
+                    self._correlation_of.clear()
+                for start in range(0, len(unknown), 1000):
+                    chunk = unknown[start:start + 1000]
+                    found: Any = self._correlations(keys=[stream], args=chunk)
+                    for entry_id, raw in zip(chunk, found, strict=True):
+                        self._correlation_of[(stream, entry_id)] = _correlation(raw)
+        return [(i, self._correlation_of[(stream, i)]) for i in ids]
 
     def report_deleted(self, stream: str, on_lost: Callable[[list[str]], None]) -> None:
         """Tell ``on_lost`` of the pending IDs our claims saw Redis drop (see DELETED_PREFIX)
@@ -775,7 +858,7 @@ def _entries(reply: Any) -> Iterator[Entry]:
                 yield Entry(stream, _text(entry_id), fields or {})
 
 
-def _id_pair(entry_id: str) -> tuple[int, int]:
+def id_pair(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 

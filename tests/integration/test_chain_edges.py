@@ -146,3 +146,29 @@ def test_writers_take_chain_locks_in_one_order_even_when_a_batch_is_bisected(
     assert result.outcomes.count(Outcome.REJECTED) == 1
     assert result.outcomes.count(Outcome.WRITTEN) == 7
     wait_until(lambda: _tampered(bed, "a-chain", "z-chain") == [], 5, "valid chains")
+
+
+def test_an_on_time_event_is_hashed_when_another_replica_holds_an_older_one(
+        bed: Bed, start_worker: Any) -> None:
+    from tests.conftest import EVENTS, GROUP
+    # Given replica A that has read the older event of a chain and not written it yet
+    # (a pause, a slow node), and the newer one left for replica B
+    older, newer = _event(bed, "split", 1), _event(bed, "split", 2)
+    bed.client.xgroup_create(EVENTS, GROUP, id="0", mkstream=True)
+    bed.client.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, older)})
+    bed.client.xreadgroup(GROUP, "replica-a", {EVENTS: ">"})
+    bed.client.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, newer)})
+
+    # When B drains, and A comes back two seconds later and writes what it holds
+    slow_claims = {"claim_idle": "60s"}  # only order is at play, no claim
+    b = start_worker(streams={"consumer": "replica-b"}, worker=slow_claims)
+    time.sleep(2.0)
+    assert newer["event_id"] not in set(bed.event_ids())  # B waits for the older one
+    start_worker(streams={"consumer": "replica-a"}, worker=slow_claims)
+
+    # Then both events are written, in the chain's order, both hashed: on time is on time
+    # however the replicas split the chain
+    wait_until(lambda: bed.count("audit_events") == 2 and bed.drained(EVENTS), 20, "both")
+    assert _unhashed(bed, "split") == 0
+    assert _tampered(bed, "split") == []
+    assert b.metric("dlq_worker_entries_deferred_total", stream=EVENTS) >= 1
