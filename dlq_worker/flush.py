@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 #: How long an audit event waits at most for an older entry of its hash chain that another
 #: replica holds (see Flusher._in_chain_order).
 ORDER_WAIT = 10.0
+#: How soon an entry left for later is claimed back (see Flusher._defer).
+RESUME_AFTER = 0.5
 
 Retry = Callable[[Callable[[], Any]], Any]
 
@@ -107,9 +109,10 @@ class Flusher:
         #: Every entry taken from the loop and not yet completed (acknowledged or handed to
         #: the rejection schedule): still ours, kept fresh during outages.
         self.holding: set[tuple[str, str]] = set()
-        #: Entries a write left for later (their hash chain was busy): the loop takes them
-        #: back in hand, still unacknowledged, their delivery count untouched.
-        self.deferred: list[Entry] = []
+        #: Entries a write left for later (their hash chain busy, or an older entry of it
+        #: held by another replica): let go of, left pending on us in Redis, and claimed
+        #: back at this time with their delivery count untouched (the worker does it).
+        self.resume_due: dict[tuple[str, str], float] = {}
         #: (stream, id) -> since when it waits for an older entry of its chain elsewhere.
         self._order_since: dict[tuple[str, str], float] = {}
 
@@ -126,11 +129,14 @@ class Flusher:
                     self.config.database.statement_timeout))
         self.inflight = None
         self.holding.clear()
-        self.deferred.clear()
+        self.resume_due.clear()
 
-    def take_deferred(self) -> list[Entry]:
-        entries, self.deferred = self.deferred, []
-        return entries
+    def _defer(self, entry: Entry) -> None:
+        """Not now: let go of the entry (its bytes leave memory, it stays pending on us)
+        and claim it back in RESUME_AFTER: a backlog led by a frozen writer's chains never
+        fills our room while the rows behind them wait."""
+        self.metrics.deferred.labels(entry.stream).inc()
+        self.resume_due[(entry.stream, entry.id)] = self.clock() + RESUME_AFTER
 
     def lost(self, stream: str, ids: Sequence[str], how: str) -> None:
         """Entries that were pending and are gone from the stream, never written nor
@@ -306,8 +312,7 @@ class Flusher:
         for i in sorted(wait, reverse=True):
             entry = batch.record_entries.pop(i)
             batch.records.pop(i)
-            self.metrics.deferred.labels(entry.stream).inc()
-            self.deferred.append(entry)
+            self._defer(entry)
         if len(self._order_since) > 100_000:
             self._order_since.clear()
 
@@ -346,8 +351,7 @@ class Flusher:
                     self.metrics.duplicates.labels(entry.stream).inc()
                     ack.append(entry)
                 elif outcome is Outcome.DEFERRED:
-                    self.metrics.deferred.labels(entry.stream).inc()
-                    self.deferred.append(entry)
+                    self._defer(entry)
             if result.partitions_created:
                 self.metrics.partitions_created.inc(len(result.partitions_created))
             self._count_chain(batch, result)

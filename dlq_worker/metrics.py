@@ -61,9 +61,10 @@ class Metrics:
                                 ["stream", "reason"], registry=r)
         self.deferred = Counter(
             f"{p}_entries_deferred_total",
-            "Entries left for a later batch because another writer held their hash chain's "
-            "lock past lock_timeout (a frozen replica); kept in hand, never counted against "
-            "the entry.", ["stream"], registry=r)
+            "Entries left for a later batch: another writer held their hash chain's lock past "
+            "lock_timeout (a frozen replica), or another replica holds an older entry of "
+            "their chain. Let go of and claimed back soon, never counted against the "
+            "entry.", ["stream"], registry=r)
         self.claimed = Counter(f"{p}_entries_claimed_total",
                                "Entries claimed from idle consumers (XAUTOCLAIM).",
                                ["stream"], registry=r)

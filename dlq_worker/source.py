@@ -82,7 +82,12 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 _CLAIM_OWN = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return {} end
-local r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
+local r
+if ARGV[4] == '1' then
+  r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
+else  -- not an attempt: the delivery count stays as it is
+  r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', p[1][4])
+end
 if #r == 0 then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   return {'lost'}
@@ -629,7 +634,8 @@ class Source:
         return claimed
 
     def claim_own(self, stream: str, ids: Sequence[str],
-                  on_lost: Callable[[list[str]], None]) -> list[Entry]:
+                  on_lost: Callable[[list[str]], None], *, attempt: bool = True,
+                  ) -> list[Entry]:
         """Re-deliver entries still pending on *us* (bumps their delivery count): how
         rejected entries retry. One another worker has claimed meanwhile is left to it.
 
@@ -644,7 +650,8 @@ class Source:
             self.report_deleted(stream, on_lost)
             for entry_id in ids:
                 reply: Any = self._claim_own(keys=[stream, dropped],
-                                             args=[self.group, self.consumer, entry_id])
+                                             args=[self.group, self.consumer, entry_id,
+                                                   "1" if attempt else "0"])
                 if reply and reply[0] in (b"lost", "lost"):
                     self.report_deleted(stream, on_lost)
                     continue

@@ -172,7 +172,7 @@ class Worker:
         now = self.clock()
         self.metrics.heartbeat.set_to_current_time()
         self.health.holding(len(self._in_hand) + len(self.flusher.holding)
-                            + len(self.flusher.deferred))
+                            + len(self.flusher.resume_due))
         try:
             if self._paused(now):
                 # Finish what is held (written and acknowledged, or left pending if a
@@ -186,8 +186,9 @@ class Worker:
                 return
             block = self.policy.block_for(len(self._in_hand), self._first_at, now,
                                           float(self.config.worker.block))
-            if self._retry_due:  # wake for the next rejected entry's retry
-                block = max(0.001, min(block, min(self._retry_due.values()) - now))
+            if self._retry_due or self.flusher.resume_due:  # wake for the next one due
+                block = max(0.001, min(block, min([*self._retry_due.values(),
+                                                   *self.flusher.resume_due.values()]) - now))
             if self.flusher.inflight is not None:
                 block = 0.001  # a batch is being written: read the next one, do not wait
             entries = self._with_retry(lambda: self._read(block))
@@ -197,8 +198,6 @@ class Worker:
                 self.flush(overlap=bool(self.config.worker.overlap))
             elif not entries and self.flusher.inflight is not None:
                 self.flusher.finish()  # nothing new to overlap with: acknowledge it now
-            if self.flusher.deferred:
-                self._take(self.flusher.take_deferred())  # their chain was busy: again
         except StreamGone as exc:
             self._forget(exc.streams)
 
@@ -231,8 +230,9 @@ class Worker:
         for stream in streams:
             self.streams.pop(stream, None)
             self._replay.pop(stream, None)
-            for key in [k for k in self._retry_due if k[0] == stream]:
-                del self._retry_due[key]
+            for due in (self._retry_due, self.flusher.resume_due):
+                for key in [k for k in due if k[0] == stream]:
+                    del due[key]
         self._next_discover = 0.0
         log.error("DLQ stream or its consumer group vanished",
                   extra={"event": "stream_gone", "streams": streams})
@@ -251,8 +251,7 @@ class Worker:
     def held(self) -> set[tuple[str, str]]:
         """Entries read and not yet acknowledged (in hand, or being written): what a stop
         would leave pending. A copy, so the signal handler and the exit timer may read it."""
-        return (set(self._in_hand) | set(self.flusher.holding)
-                | {(e.stream, e.id) for e in self.flusher.deferred})
+        return set(self._in_hand) | set(self.flusher.holding)
 
     def _held_count(self) -> float:
         try:
@@ -365,8 +364,9 @@ class Worker:
         if now >= self._next_cleanup and self._job("cleanup", self.cleanup_consumers, now):
             self._next_cleanup = now + max(60.0, float(w.claim_interval) * 4)
         due = [key for key, at in self._retry_due.items() if at <= now]
-        if due and now >= self._next_redeliver and self._job(
-                "redeliver", lambda: self._redeliver(due), now):
+        resume = [key for key, at in self.flusher.resume_due.items() if at <= now]
+        if (due or resume) and now >= self._next_redeliver and self._job(
+                "redeliver", lambda: self._redeliver(due, resume), now):
             self._next_redeliver = 0.0
 
     def _job(self, name: str, fn: Callable[[], object], now: float) -> bool:
@@ -467,18 +467,20 @@ class Worker:
                 log.info("removed idle consumers", extra={"event": "consumers_removed",
                                                           "stream": stream, "consumers": removed})
 
-    def _redeliver(self, due: list[tuple[str, str]]) -> None:
-        by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in due:
-            by_stream.setdefault(stream, []).append(entry_id)
-        for stream, ids in by_stream.items():
-            for entry_id in ids:
+    def _redeliver(self, due: list[tuple[str, str]], resume: list[tuple[str, str]]) -> None:
+        """Claim back, one at a time while there is room: rejected entries due for their
+        retry (their delivery count goes up: a retry), then entries left for later
+        (deferred: their count untouched, it was no attempt)."""
+        for keys, schedule, attempt in ((due, self._retry_due, True),
+                                        (resume, self.flusher.resume_due, False)):
+            for stream, entry_id in keys:
                 count, budget = self._room()
                 if count == 0 or budget == 0:
                     return  # no room: the rest stay due, claimed once this batch is flushed
                 entries = self.source.claim_own(stream, [entry_id],
-                                                self._gone(stream, "XCLAIM"))
-                self._retry_due.pop((stream, entry_id), None)
+                                                self._gone(stream, "XCLAIM"),
+                                                attempt=attempt)
+                schedule.pop((stream, entry_id), None)
                 self._take(entries)
 
     # -- transient failures --
@@ -521,7 +523,7 @@ class Worker:
             return
         self._touched_at = now
         ids: dict[str, list[str]] = {}
-        for stream, entry_id in [*held, *self._retry_due]:
+        for stream, entry_id in [*held, *self._retry_due, *self.flusher.resume_due]:
             ids.setdefault(stream, []).append(entry_id)
         for stream, stream_ids in ids.items():
             # Redis down too (then nobody can claim them), or the stream gone: nothing to do.

@@ -476,3 +476,34 @@ def test_ids_redis_drops_in_a_claim_whose_reply_is_lost_are_still_counted_once(
             source.close()
     # Then the two deleted entries are counted lost, each once
     assert sorted(lost) == sorted([ids[1], ids[3]])
+
+
+def test_a_backlog_led_by_a_frozen_writers_chain_does_not_hold_the_rows_behind_it(
+        bed: Bed, start_worker: Any) -> None:
+    # Given another writer frozen with chain rr-frozen locked, and a backlog that starts
+    # with more of that chain's entries than a batch holds
+    frozen = bed.engine.connect()
+    tx = frozen.begin()
+    frozen.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id('rr-frozen'))"))
+    try:
+        stuck = _events_in_chain(bed, 400, "rr-frozen")
+        others = {r["event_id"] for r in bed.produce_events(600)}
+
+        # When a worker with batches of 100 drains it
+        worker = start_worker(database={"lock_timeout": "300ms"},
+                              worker={"batch_size": 100})
+
+        # Then the rows behind the frozen chain are all written while the lock is held:
+        # the deferred entries were let go of, not kept filling the batch
+        wait_until(lambda: set(bed.event_ids()) >= others, 30, "other chains written")
+        assert not set(bed.event_ids()) & stuck
+        assert worker.metric("dlq_worker_entries_in_hand") < 400
+    finally:
+        tx.rollback()
+        frozen.close()
+
+    # and once it thaws, the chain's rows follow, linked, with no delivery counted for the
+    # waits (nothing parked)
+    wait_until(lambda: bed.drained(EVENTS), 30, "drained")
+    assert set(bed.event_ids()) == others | stuck
+    assert not bed.parked("audit:dead-letter:events")

@@ -515,9 +515,9 @@ def test_concurrent_writes_are_never_mistaken_for_trimming(bed: Bed) -> None:
 def test_a_frozen_worker_loses_and_parks_nothing(owned: OwnedBed, spawn_worker: Any) -> None:
     """A node freeze or a long pause (SIGSTOP) of one replica in the middle of its writes,
     another replica taking over its entries: once the frozen one thaws, every record is one
-    row and nothing is parked. (Where it froze decides whether the other can write meanwhile:
-    rows of the chains it holds wait, and a backlog led by those chains fills the other's
-    batch with them; see test_edges.py for the rows of other chains going through.)"""
+    row and nothing is parked. (Rows of the chains it holds locked wait until the server
+    ends its idle transaction; see test_edges.py for the rows of other chains going
+    through meanwhile, a backlog led by the frozen chains included.)"""
     env = {**owned.env(), **fast_env(), "DLQ_WORKER_HTTP_ENABLED": "false",
            "DLQ_WORKER_WORKER_BATCH_SIZE": "500", "DLQ_WORKER_DATABASE_LOCK_TIMEOUT": "500ms",
            "DLQ_WORKER_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT": "3s"}
