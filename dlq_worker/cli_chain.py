@@ -25,7 +25,7 @@ def verify_chain(config_path: str | None, correlation_ids: tuple[str, ...], ever
                  since: str | None, as_json: bool, **flags: Any) -> None:
     """Verify audit_events hash chains the way the platform's verify-chain does.
 
-    Exit 0 when every chain verifies, 1 when one does not (the rows are listed), 4 when
+    Exit 0 when every chain verifies, 8 when one does not (the rows are listed), 5 when
     no event has the correlation ID. Unhashed rows (late or written with the chain off)
     are counted, and left out as the platform leaves them out. The HMAC key comes from
     DLQ_WORKER_DATABASE_HASH_CHAIN_KEY or database.hash_chain_key_file.
@@ -36,7 +36,9 @@ def verify_chain(config_path: str | None, correlation_ids: tuple[str, ...], ever
       dlq-worker verify-chain --all --since 2026-11-01
     """
     cfg = load_config(config_path, flags)
-    if bool(correlation_ids) == everything:
+    if not correlation_ids and not everything:
+        raise click.UsageError("give one or more CORRELATION_IDs, or --all")
+    if correlation_ids and everything:
         raise click.UsageError("give CORRELATION_IDs or --all, not both")
     key = cfg.database.hash_chain_key.encode() if cfg.database.hash_chain_key else None
     sink = Sink(cfg.database)

@@ -84,6 +84,10 @@ def pause(config_path: str | None, reason: str, **flags: Any) -> None:
     then reads, claims and retries nothing until `resume`. The pause is kept in Redis: it
     survives restarts and new replicas obey it. Use it for PostgreSQL maintenance instead
     of scaling to zero: the pods stay up, ready, and show that they are paused.
+
+    \b
+    Example:
+      dlq-worker pause --reason "PostgreSQL upgrade, ticket OPS-123"
     """
     cfg = load_config(config_path, flags)
     client = _client(cfg)
@@ -98,7 +102,12 @@ def pause(config_path: str | None, reason: str, **flags: Any) -> None:
 @cli.command()
 @config_options
 def resume(config_path: str | None, **flags: Any) -> None:
-    """Lift a pause: every replica takes new entries again within one poll."""
+    """Lift a pause: every replica takes new entries again within one poll.
+
+    \b
+    Example:
+      dlq-worker resume
+    """
     cfg = load_config(config_path, flags)
     client = _client(cfg)
     try:

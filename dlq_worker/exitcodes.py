@@ -1,6 +1,6 @@
 """Exit codes: one table for every command, no two meanings sharing a number.
 
-Scripts and Kubernetes hooks branch on these; the README lists them and a test holds the
+Scripts and Kubernetes hooks branch on these; docs/operations.md lists them and a test holds the
 two together.
 """
 
@@ -28,7 +28,7 @@ NO_ROOM = 9
 #: A second SIGTERM/SIGINT: exit at once, without waiting for the final flush.
 FORCED = 130
 
-#: code -> meaning, for the README and `dlq-worker --help`.
+#: code -> meaning, for docs/operations.md and `dlq-worker --help`.
 TABLE = {
     OK: "success (doctor: every check passed; verify-chain: every chain verifies)",
     ERROR: "unexpected error",

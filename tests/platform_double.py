@@ -1,6 +1,6 @@
 """A test double of the platform's own DLQ retry worker, which runs in every Data Storage pod
 beside dlq-worker and cannot be turned off. Written from what that worker does (the
-project's docs/platform.md), on real Redis and real PostgreSQL, its clock scaled:
+project's docs/contract.md), on real Redis and real PostgreSQL, its clock scaled:
 
 - group ``data-storage-retry-workers``, created at 0 with MKSTREAM; consumer ``worker-<n>``;
 - first poll: its own pending entries (``XREADGROUP ... 0``, COUNT 10) until none progress;

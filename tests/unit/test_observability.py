@@ -69,14 +69,6 @@ def test_chart_schema_knows_every_worker_setting() -> None:
         assert set(sections[name]["properties"]) == keys, name
 
 
-def test_readme_exit_code_table_is_the_code_table() -> None:
-    from dlq_worker import exitcodes
-    readme = (ROOT / "README.md").read_text()
-    rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", readme, flags=re.MULTILINE))
-    assert {int(k): v for k, v in rows.items()} == exitcodes.TABLE
-    assert len(set(exitcodes.TABLE)) == len(exitcodes.TABLE)
-
-
 def test_every_dashboard_query_follows_the_namespace_and_job_variables() -> None:
     dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
     variables = {v["name"] for v in dashboard["templating"]["list"]}
