@@ -157,17 +157,24 @@ def db_init(config_path: str | None, months_back: int, months_ahead: int, **flag
 @click.option("--entries", default=5000, show_default=True, help="DLQ entries to produce.")
 @click.option("--poison", default=3, show_default=True, help="Malformed entries among them.")
 @click.option("--keep", is_flag=True, help="Leave the servers running until Ctrl-C.")
-def demo(entries: int, poison: int, keep: bool) -> None:
+@click.option("--servers-only", is_flag=True,
+              help="Only start the throwaway servers (with the schema), print where they are "
+                   "and how to point the CLI at them, and keep them until Ctrl-C.")
+def demo(entries: int, poison: int, keep: bool, servers_only: bool) -> None:
     """Run the worker end to end on throwaway local Redis and PostgreSQL servers.
+
+    Ctrl-C or SIGTERM stops the servers and removes their files.
 
     \b
     Example:
       dlq-worker demo --entries 20000
+      dlq-worker demo --keep
+      dlq-worker demo --servers-only
     """
     from dlq_worker.demo import run_demo
 
     logs.setup("warning", "console")
-    run_demo(entries=entries, poison=poison, keep=keep)
+    run_demo(entries=entries, poison=poison, keep=keep, servers_only=servers_only)
 
 
 def main() -> None:

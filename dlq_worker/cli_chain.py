@@ -50,7 +50,7 @@ def verify_chain(config_path: str | None, correlation_ids: tuple[str, ...], ever
         raise ConfigError(str(exc)) from None
     except Exception as exc:
         raise StartupError(f"PostgreSQL {cfg.database.host}:{cfg.database.port}: "
-                           f"{type(exc).__name__}") from exc
+                           f"{_reason(exc)}") from exc
     finally:
         sink.close()
     if correlation_ids and all(r.total_events + r.skipped_null_hash == 0 for r in reports):
@@ -64,12 +64,19 @@ def verify_chain(config_path: str | None, correlation_ids: tuple[str, ...], ever
                                                     for e, m in r.tampered]}
                                for r in reports], indent=2))
     else:
-        for r in reports:
+        # Tampered chains first; with --all the valid ones are a count, not a line each
+        for r in sorted(reports, key=lambda r: (r.valid, r.correlation_id)):
+            if r.valid and everything:
+                continue
             state = "ok" if r.valid else "TAMPERED"
             click.echo(f"{r.correlation_id}: {state}: {r.verified_events}/{r.total_events} "
                        f"hashed events verified, {r.skipped_null_hash} unhashed left out")
             for event_id, message in r.tampered:
                 click.echo(f"    {event_id}: {message}")
+        bad = [r for r in reports if not r.valid]
+        click.echo(f"{len(reports)} chains: {len(reports) - len(bad)} verify, {len(bad)} "
+                   f"tampered; {sum(r.verified_events for r in reports)} events verified, "
+                   f"{sum(r.skipped_null_hash for r in reports)} unhashed left out")
     if not all(r.valid for r in reports):
         sys.exit(exitcodes.TAMPERED)
 
@@ -83,3 +90,11 @@ def _since(text: str | None) -> dt.datetime:
         raise click.BadParameter(f"--since expects an RFC 3339 time or a date, got {text!r}") \
             from None
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's first line (connection refused, authentication failed...): no SQL,
+    no parameters, no password (SQLAlchemy hides parameters; a DSN is never printed)."""
+    orig: Any = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0][:240] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first}" if first else type(orig).__name__

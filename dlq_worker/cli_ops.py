@@ -154,9 +154,11 @@ def peek(config_path: str | None, stream: str, count: int, from_id: str, payload
         _emit(entries, True, "")
         return
     for e in entries:
-        click.echo(f"{e['id']}  type={e.get('type')}  record={e.get('record_id')}  "
-                   f"correlation={e.get('correlation_id')}  at={e.get('timestamp')}  "
-                   f"retry_count={e.get('retry_count')}  decode={e['decode']}")
+        # What could not be decoded is left out, not printed as None
+        facts = [f"{label}={e[name]}" for label, name in (
+            ("type", "type"), ("record", "record_id"), ("correlation", "correlation_id"),
+            ("at", "timestamp"), ("retry_count", "retry_count")) if e.get(name) is not None]
+        click.echo("  ".join([e["id"], *facts, f"decode={e['decode']}"]))
         if e.get("last_error"):
             click.echo(f"    last_error: {e['last_error']}")
         if e.get("reason"):
@@ -207,10 +209,15 @@ def _when_ms(text: str | None, option: str) -> int | None:
 
 def _selection(ids: tuple[str, ...], stream: str | None, reason: str | None,
                error_class: str | None, since: str | None, until: str | None,
-               everything: bool = False, after: str | None = None) -> dl.Selection:
-    return dl.Selection(ids, stream, reason, error_class, everything,
-                        since_ms=_when_ms(since, "--since"), until_ms=_when_ms(until, "--until"),
-                        after=after)
+               everything: bool = False, after: str | None = None, *,
+               required: bool = False) -> dl.Selection:
+    selection = dl.Selection(ids, stream, reason, error_class, everything,
+                             since_ms=_when_ms(since, "--since"),
+                             until_ms=_when_ms(until, "--until"), after=after)
+    if required and selection.empty:  # a usage error (exit 2), not "not found"
+        raise click.UsageError("select entries with --id, --stream, --reason, --error-class, "
+                               "--since/--until or --all")
+    return selection
 
 
 @dead_letter.command("list")
@@ -311,7 +318,7 @@ def dl_replay(config_path: str | None, ids: tuple[str, ...], stream: str | None,
     try:
         store = dl.DeadLetters(client, cfg)
         entries = store.select(_selection(ids, stream, reason, error_class, since, until,
-                                          everything))
+                                          everything, required=True))
         counts = _by_target(store, entries)
         if dry_run:
             click.echo(f"would replay {len(entries)} entries: {json.dumps(counts)}")
@@ -343,7 +350,8 @@ def dl_purge(config_path: str | None, ids: tuple[str, ...], stream: str | None,
       dlq-worker dead-letter purge --id 1732700000000-0 --yes
       dlq-worker dead-letter purge --older-than 90d --yes
     """
-    selection = _selection(ids, stream, reason, error_class, since, until, everything)
+    selection = _selection(ids, stream, reason, error_class, since, until, everything,
+                           required=older_than is None)
     if older_than is not None:
         if config_mod.duration_seconds(older_than, unit_required=True) is None:
             raise click.BadParameter(f"expects a duration (90d, 12h), got {older_than!r}",

@@ -367,7 +367,10 @@ def validate(config: Config, origins: Mapping[str, str] | None = None) -> None:
         config.http,
         config.log,
     )
-    _split_addr(r.addr)
+    try:
+        _split_addr(r.addr)
+    except ConfigError as exc:
+        raise ConfigError(f"{origins.get('redis.addr', 'default')}: {exc}") from None
     _check(r.db >= 0, "redis.db", "a database number >= 0")
     if r.sentinels:
         r.sentinel_addrs  # noqa: B018 - each must parse as host:port
@@ -619,9 +622,15 @@ def _split_addr(addr: str) -> tuple[str, str, int]:
             raise ConfigError(f"'redis.addr': bad port in {text!r}") from None
         return parts.scheme, parts.hostname or "", port
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"'redis.addr' expects host:port, got {text!r}")
+    if not sep or not _HOST.fullmatch(host) or not port_text.isdigit() \
+            or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"'redis.addr' expects host:port (an IPv6 address in brackets), "
+                          f"got {text!r}")
     return "redis", host.strip("[]"), int(port_text)
+
+
+#: A host name, an IPv4 address, or an IPv6 address in brackets.
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]")
 
 
 def _show(raw: Any) -> str:

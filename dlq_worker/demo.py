@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -21,7 +22,20 @@ from dlq_worker.app import App
 from dlq_worker.embedded import PostgresProcess, RedisProcess
 
 
-def run_demo(entries: int, poison: int, keep: bool) -> None:
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the same clean-up as Ctrl-C: servers stopped, files removed
+
+
+def _where(redis_port: int, pg_port: int) -> None:
+    click.echo(f"Redis: 127.0.0.1:{redis_port} (DB 1)   PostgreSQL: 127.0.0.1:{pg_port} "
+               "(database action_history, user postgres)")
+    click.echo("point the CLI at them with:")
+    click.echo(f"  export REDIS_ADDR=127.0.0.1:{redis_port} REDIS_DB=1 DB_HOST=127.0.0.1 "
+               f"DB_PORT={pg_port} DB_USER=postgres")
+
+
+def run_demo(entries: int, poison: int, keep: bool, servers_only: bool = False) -> None:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     root = Path(tempfile.mkdtemp(prefix="dlq-demo-"))
     root.chmod(0o755)  # the PostgreSQL cluster may belong to another OS user
     # AOF on, as production's should be: the worker would rightly warn about a Redis that
@@ -42,6 +56,11 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
         partitions = app.sink.init_schema()
         click.echo(f"schema created: audit_events ({len(partitions)} monthly partitions), "
                    "notification_audit")
+        if servers_only:
+            _where(redis_server.port, postgres.port)
+            click.echo("servers running; Ctrl-C (or SIGTERM) stops them and removes their files")
+            while True:
+                time.sleep(3600)
 
         client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=1)
         rng = random.Random(7)
@@ -94,7 +113,9 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
         parked: Any = client.xrange("audit:dead-letter:events")
         click.echo(f"parked in audit:dead-letter:events: {len(parked)}")
         for entry_id, fields in parked:
-            click.echo(f"  {entry_id.decode()}  reason={fields[b'reason'].decode()}  "
+            # the entry's own ID, as the ERROR lines above name it, and its dead letter's
+            click.echo(f"  entry {fields[b'original_id'].decode()} (dead letter "
+                       f"{entry_id.decode()})  reason={fields[b'reason'].decode()}  "
                        f"error={fields[b'error'].decode()[:80]}")
 
         assert app.http is not None
@@ -112,7 +133,8 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
             if interesting and not line.rstrip().endswith(" 0.0"):
                 click.echo(f"  {line}")
         if keep:
-            click.echo("servers kept running; Ctrl-C to stop")
+            _where(redis_server.port, postgres.port)
+            click.echo("servers kept running; Ctrl-C (or SIGTERM) stops them")
             while True:
                 time.sleep(3600)
         app.stop()
@@ -121,6 +143,9 @@ def run_demo(entries: int, poison: int, keep: bool) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        # A second signal must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         postgres.stop()
         redis_server.stop()
         shutil.rmtree(root, ignore_errors=True)

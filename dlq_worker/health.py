@@ -133,7 +133,11 @@ class Health:
         reasons: list[str] = []
         with self._lock:
             if not self._started:
-                reasons.append("starting")
+                waiting = sorted({name for (name, _), state in self._servers.items()
+                                  if state.failing_since is not None})
+                # "starting" alone while it should take a moment; past that, what it waits for
+                reasons.append(f"not started: waiting for {' and '.join(waiting)}"
+                               if waiting else "starting")
             for name in SERVERS:
                 if name not in self._checked:
                     reasons.append(f"{name}: not checked yet")

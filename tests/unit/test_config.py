@@ -268,3 +268,16 @@ def test_sentinels_and_their_errors() -> None:
     with pytest.raises(ConfigError) as err:
         load({"DLQ_WORKER_REDIS_SENTINELS": "s1", "DLQ_WORKER_REDIS_MASTER_NAME": "dlq"})
     assert "'redis.sentinels' expects host:port" in str(err.value)
+
+
+@pytest.mark.parametrize("addr", ["not-a-valid:addr:1", "host:99999", ":6379", "host:", "a b:1"])
+def test_a_bad_redis_addr_from_the_environment_is_refused_saying_where(addr: str) -> None:
+    with pytest.raises(config_mod.ConfigError) as err:
+        config_mod.load(env={"REDIS_ADDR": addr})
+    assert str(err.value).startswith("environment: 'redis.addr' expects host:port")
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1:6379", "redis:6379", "[::1]:6379",
+                                  "valkey.ns.svc.cluster.local:6380", "rediss://redis:6380"])
+def test_good_redis_addrs_are_accepted(addr: str) -> None:
+    assert config_mod.load(env={"REDIS_ADDR": addr}).redis.port in (6379, 6380)

@@ -104,3 +104,15 @@ def test_every_command_has_an_example_in_its_help(name: str) -> None:
     if "Commands:" in command:
         return  # a group: its commands have theirs
     assert "Example:" in command, f"{name} has no example"
+
+
+def test_usage_mistakes_are_usage_errors() -> None:
+    from click.testing import CliRunner
+    runner = CliRunner()
+    replay = runner.invoke(cli, ["dead-letter", "replay"])
+    assert replay.exit_code == exitcodes.USAGE and "--all" in replay.output
+    purge = runner.invoke(cli, ["dead-letter", "purge", "--yes"])
+    assert purge.exit_code == exitcodes.USAGE
+    chains = runner.invoke(cli, ["verify-chain"])
+    assert chains.exit_code == exitcodes.USAGE
+    assert "give one or more CORRELATION_IDs, or --all" in chains.output
