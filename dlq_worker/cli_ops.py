@@ -251,7 +251,7 @@ def dl_list(config_path: str | None, ids: tuple[str, ...], stream: str | None,
     text = "\n".join(f"{e['id']}  parked {e['parked_at']} by {e['parked_by']}  "
                      f"{e['original_stream']} "
                      f"{e['original_id']}  {e['reason']} ({e['error_class']}, "
-                     f"{e['final_retry_count']} deliveries, first failed "
+                     f"{_deliveries(e['final_retry_count'])}, first failed "
                      f"{e['first_failed_at'] or 'unknown'})  "
                      f"{e['error'][:80]}" for e in entries) or "(no parked entries)"
     _emit(entries, as_json, text)
@@ -455,3 +455,7 @@ def move(config_path: str | None, to_url: str, to_db: int | None, max_fill: floa
     click.echo(f"moved {sum(report.streams.values())} entries in {len(report.streams)} streams "
                f"(copied {report.copied}, already on target {report.already_there}, "
                f"deleted from source {report.deleted}): {json.dumps(report.streams)}")
+
+
+def _deliveries(count: Any) -> str:
+    return f"{count} delivery" if str(count) == "1" else f"{count} deliveries"
