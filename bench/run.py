@@ -39,8 +39,8 @@ from sqlalchemy import Engine, create_engine, text
 from bench import workloads
 from bench.shared_redis import bench_shared_redis
 from dlq_worker import config as config_mod
-from dlq_worker.embedded import PostgresProcess, RedisProcess, free_port
-from dlq_worker.sink import Sink
+from dlq_worker.drain.sink import Sink
+from dlq_worker.throwaway.embedded import PostgresProcess, RedisProcess, free_port
 
 EVENTS = "audit:dlq:events"
 

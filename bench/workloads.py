@@ -17,10 +17,12 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, text
 
-from dlq_worker import pgcopy, producer, samples
-from dlq_worker.decode import AUDIT_EVENTS, decode_entry
+from dlq_worker import producer
+from dlq_worker.drain import pgcopy
+from dlq_worker.drain.decode import AUDIT_EVENTS, decode_entry
+from dlq_worker.drain.schema import audit_events
 from dlq_worker.producer import Producer
-from dlq_worker.schema import audit_events
+from dlq_worker.throwaway import samples
 
 EVENTS = "audit:dlq:events"
 

@@ -13,15 +13,16 @@ from prometheus_client import CollectorRegistry
 
 from dlq_worker import exitcodes
 from dlq_worker.config import Config
-from dlq_worker.endpoints import HttpServer
+from dlq_worker.drain.redis_io import make_client
+from dlq_worker.drain.sink import Sink
+from dlq_worker.drain.source import Source
+from dlq_worker.drain.worker import Worker
 from dlq_worker.errors import StartupError
-from dlq_worker.health import Health
-from dlq_worker.heartbeat import Heartbeat
-from dlq_worker.metrics import Metrics
-from dlq_worker.monitor import Monitor
-from dlq_worker.sink import Sink
-from dlq_worker.source import Source, make_client
-from dlq_worker.worker import Worker
+from dlq_worker.watch.endpoints import HttpServer
+from dlq_worker.watch.health import Health
+from dlq_worker.watch.heartbeat import Heartbeat
+from dlq_worker.watch.metrics import Metrics
+from dlq_worker.watch.monitor import Monitor
 
 log = logging.getLogger(__name__)
 

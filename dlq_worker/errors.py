@@ -1,7 +1,7 @@
 """The exceptions dlq-worker raises, and what the run loop does with each.
 
 Library errors (redis-py, SQLAlchemy/psycopg2) are translated where they enter
-(`source.py`, `sink.py`), so the loop reasons only in these terms::
+(`drain/source.py`, `drain/sink.py`), so the loop reasons only in these terms::
 
     DlqWorkerError
     ├── ConfigError              bad configuration: one line naming the key; exit 3
@@ -94,11 +94,11 @@ class SystemicRejection(DatabaseUnavailable):
 #: for any reason pages (``increase()`` ignores a series' first sample); a test holds this
 #: set to every reason the code can raise.
 REASONS = frozenset({
-    # the entry does not follow the contract (decode.py)
+    # the entry does not follow the contract (drain/decode.py)
     "decode_error", "no_message", "too_large", "bad_json", "bad_envelope", "bad_payload",
     "bad_timestamp", "missing_field", "bad_type", "bad_uuid", "bad_base64", "bad_unicode",
     "nul_character", "number_out_of_range", "unknown_table",
-    # PostgreSQL refuses the row (classify.py, sink.py)
+    # PostgreSQL refuses the row (drain/classify.py, drain/sink.py)
     "rejected", "not_null_violation", "foreign_key_violation", "unique_violation",
     "check_violation", "value_too_long", "numeric_out_of_range", "invalid_datetime",
     "datetime_out_of_range", "invalid_text", "untranslatable_character", "raised_by_trigger",

@@ -28,7 +28,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from dlq_worker.decode import decode_entry
+from dlq_worker.drain.decode import decode_entry
 from dlq_worker.errors import DecodeError, DlqWorkerError, RedisUnavailable
 
 AUDIT_EVENT = "audit_event"
@@ -169,7 +169,7 @@ def write_or_enqueue(engine: Engine, producer: Producer, record: Mapping[str, An
     breaks the contract raises InvalidRecord before anything is written; if both
     PostgreSQL and Redis fail, EnqueueError: the caller must fail its request.
     """
-    from dlq_worker.schema import TABLES as TABLE_DEFS
+    from dlq_worker.drain.schema import TABLES as TABLE_DEFS
 
     message = validate(kind, record)
     row = decode_entry(TABLES[kind], {b"message": message}).values

@@ -20,10 +20,11 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, create_engine, text
 
 from dlq_worker import config as config_mod
-from dlq_worker import producer, samples
+from dlq_worker import producer
 from dlq_worker.app import App
 from dlq_worker.config import Config
-from dlq_worker.sink import Sink
+from dlq_worker.drain.sink import Sink
+from dlq_worker.throwaway import samples
 from tests.servers import Server, Servers, create_database, drop_database
 
 EVENTS = "audit:dlq:events"

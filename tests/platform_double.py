@@ -32,8 +32,8 @@ from typing import Any
 import redis
 from sqlalchemy import create_engine, insert
 
-from dlq_worker.decode import decode_entry
-from dlq_worker.schema import TABLES
+from dlq_worker.drain.decode import decode_entry
+from dlq_worker.drain.schema import TABLES
 
 GROUP = "data-storage-retry-workers"
 BACKOFFS = (60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from dlq_worker.embedded import (
+from dlq_worker.throwaway.embedded import (
     PostgresProcess,
     RedisProcess,
     free_port,

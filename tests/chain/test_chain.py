@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from dlq_worker import producer, samples
+from dlq_worker import producer
+from dlq_worker.throwaway import samples
 from tests.conftest import EVENTS, Bed, fast_env, wait_until
 
 pytestmark = pytest.mark.go

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from dlq_worker import gojson
+from dlq_worker.chain import gojson
 from tests.chain.conftest import run
 
 pytestmark = pytest.mark.go

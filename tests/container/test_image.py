@@ -23,8 +23,9 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from dlq_worker import producer, samples
-from dlq_worker.embedded import free_port, wait_postgres, wait_redis
+from dlq_worker import producer
+from dlq_worker.throwaway import samples
+from dlq_worker.throwaway.embedded import free_port, wait_postgres, wait_redis
 
 pytestmark = pytest.mark.container
 

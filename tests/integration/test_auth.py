@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from dlq_worker import config as config_mod
-from dlq_worker.embedded import PostgresProcess, RedisProcess, free_port
-from dlq_worker.sink import Sink
+from dlq_worker.drain.sink import Sink
+from dlq_worker.throwaway.embedded import PostgresProcess, RedisProcess, free_port
 from tests.conftest import EVENTS, fast_env, wait_until
 
 PG_PASSWORD = "pg-Secret-9d1e"
@@ -145,7 +145,8 @@ def test_drains_with_scram_and_acl_and_never_shows_the_passwords(
     client = auth.client()
     import random
 
-    from dlq_worker import producer, samples
+    from dlq_worker import producer
+    from dlq_worker.throwaway import samples
     rng = random.Random(8)
     for _ in range(300):
         client.xadd(EVENTS, {"message": producer.build_message(

@@ -13,11 +13,12 @@ from typing import Any
 
 from sqlalchemy import insert, text
 
-from dlq_worker import chain, producer, samples
+from dlq_worker import chain, producer
 from dlq_worker import config as config_mod
-from dlq_worker.decode import decode_entry
-from dlq_worker.schema import TABLES
-from dlq_worker.sink import Outcome, Sink
+from dlq_worker.drain.decode import decode_entry
+from dlq_worker.drain.schema import TABLES
+from dlq_worker.drain.sink import Outcome, Sink
+from dlq_worker.throwaway import samples
 from tests.conftest import Bed, wait_until
 
 #: One day for every event here: an event_id's key is (event_id, UTC date).

@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from dlq_worker import flush, producer, samples
-from dlq_worker.sink import Sink
-from dlq_worker.source import Source
-from dlq_worker.worker import Worker
+from dlq_worker import producer
+from dlq_worker.drain import flush
+from dlq_worker.drain.sink import Sink
+from dlq_worker.drain.source import Source
+from dlq_worker.drain.worker import Worker
+from dlq_worker.throwaway import samples
 from tests.conftest import EVENTS, NOTIFICATIONS, Bed, wait_until
 
 DEAD = "audit:dead-letter:events"

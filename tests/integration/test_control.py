@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from dlq_worker.embedded import free_port
+from dlq_worker.throwaway.embedded import free_port
 from tests.conftest import EVENTS, GROUP, Bed, fast_env, wait_until
 
 
@@ -107,7 +107,7 @@ def test_a_pause_lets_what_is_in_hand_finish(bed: Bed, start_worker: Any) -> Non
     bed.produce_events(20)
     wait_until(lambda: bed.pending(EVENTS) == 20, 10, "taken")
     # When the group is paused mid-write
-    from dlq_worker import control
+    from dlq_worker.watch import control
     control.pause(bed.client, GROUP, "test")
     # Then what it held is written and acknowledged, and nothing new is taken
     wait_until(lambda: bed.count("audit_events") == 20 and bed.pending(EVENTS) == 0, 15,
@@ -174,7 +174,7 @@ def test_a_live_consumer_in_a_long_write_is_never_taken_over(bed: Bed,
 
 def test_taking_over_a_dead_consumer_counts_a_deleted_entry_lost_once(bed: Bed) -> None:
     # Given three entries pending on a dead consumer, one of them deleted from the stream
-    from dlq_worker.source import Source
+    from dlq_worker.drain.source import Source
     ids = [bed.xadd_raw(EVENTS, b"{}") for _ in range(3)]
     bed.client.xgroup_create(EVENTS, GROUP, id="0")
     bed.client.xreadgroup(GROUP, "dead", {EVENTS: ">"})

@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlq_worker import pgcopy
-from dlq_worker.decode import Jsonb
+from dlq_worker.drain import pgcopy
+from dlq_worker.drain.decode import Jsonb
 from tests.conftest import Bed
 
 _TRICKY = st.sampled_from(["\t", "\n", "\r", "\\", "\\N", "\\t", " ", "é", "\u2028", "a"])

@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from dlq_worker import producer, samples
-from dlq_worker.sink import Sink
+from dlq_worker import producer
+from dlq_worker.drain.sink import Sink
+from dlq_worker.throwaway import samples
 from tests.conftest import EVENTS, GROUP, NOTIFICATIONS, Bed, wait_until
 
 
@@ -173,7 +174,7 @@ def test_endpoints(bed: Bed, start_worker: Any) -> None:
 
 def test_readyz_fails_while_postgres_is_unreachable(bed: Bed, start_worker: Any) -> None:
     # Given a worker pointed at a port where no PostgreSQL listens
-    from dlq_worker.embedded import free_port
+    from dlq_worker.throwaway.embedded import free_port
 
     worker = start_worker(database={"port": free_port()})
     # Then it is alive but not ready, and says why
@@ -350,7 +351,7 @@ def test_rows_written_around_a_rejected_row_keep_absent_values_null(bed: Bed,
 
 def test_metrics_carry_the_worker_process_own_series(bed: Bed, spawn_worker: Any) -> None:
     # Given a real `dlq-worker run` process that has drained a few records
-    from dlq_worker.embedded import free_port
+    from dlq_worker.throwaway.embedded import free_port
     from tests.conftest import fast_env
     bed.produce_events(20)
     port = free_port()

@@ -19,10 +19,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from dlq_worker import heartbeat, metrics, producer, samples
+from dlq_worker import producer
 from dlq_worker.app import App
-from dlq_worker.source import LARGEST_ENTRY
-from dlq_worker.worker import Worker
+from dlq_worker.drain.redis_io import LARGEST_ENTRY
+from dlq_worker.drain.worker import Worker
+from dlq_worker.throwaway import samples
+from dlq_worker.watch import heartbeat, metrics
 from tests.conftest import EVENTS, NOTIFICATIONS, Bed, OwnedBed, wait_until
 from tests.integration.test_ops import cli
 
@@ -390,7 +392,7 @@ def test_a_beat_is_judged_by_the_beaters_own_takeover_after(bed: Bed) -> None:
 
 def _held_by(bed: Bed, consumer: str) -> Any:
     """One valid entry read by ``consumer`` of the worker's group, as the worker holds it."""
-    from dlq_worker.source import Entry
+    from dlq_worker.drain.redis_io import Entry
     bed.produce_events(1)
     bed.client.xgroup_create(EVENTS, "dlq-worker", id="0")
     [[_, [(raw_id, fields)]]] = bed.client.xreadgroup("dlq-worker", consumer, {EVENTS: ">"})
@@ -399,7 +401,7 @@ def _held_by(bed: Bed, consumer: str) -> Any:
 
 def test_an_entry_parked_once_is_never_parked_again_when_the_reply_was_lost(
         bed: Bed) -> None:
-    from dlq_worker.source import Source
+    from dlq_worker.drain.source import Source
     entry = _held_by(bed, "w-1")
     source = Source(bed.config(), "w-1")
     try:
@@ -418,7 +420,7 @@ def test_an_entry_parked_once_is_never_parked_again_when_the_reply_was_lost(
 
 def test_an_entry_claimed_and_parked_by_another_is_not_parked_again_by_the_slow_one(
         bed: Bed) -> None:
-    from dlq_worker.source import Source
+    from dlq_worker.drain.source import Source
     # Given a slow but live consumer holding an entry, which another one claims and parks
     entry = _held_by(bed, "slow")
     bed.client.xclaim(EVENTS, "dlq-worker", "fast", 0, [entry.id])
@@ -440,8 +442,8 @@ def test_an_entry_claimed_and_parked_by_another_is_not_parked_again_by_the_slow_
 @pytest.mark.parametrize("how", ["autoclaim", "takeover"])
 def test_ids_redis_drops_in_a_claim_whose_reply_is_lost_are_still_counted_once(
         bed: Bed, how: str) -> None:
+    from dlq_worker.drain.source import Source
     from dlq_worker.errors import TransientError
-    from dlq_worker.source import Source
     from tests import netcut
     # Given five entries pending on a dead consumer, two of them deleted from the stream
     ids = [bed.xadd_raw(EVENTS, b"{}") for _ in range(5)]

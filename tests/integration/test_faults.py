@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from dlq_worker import producer, samples
+from dlq_worker import producer
+from dlq_worker.throwaway import samples
 from tests.conftest import EVENTS, NOTIFICATIONS, Bed, OwnedBed, fast_env, wait_until
 
 pytestmark = pytest.mark.fault
@@ -491,7 +492,7 @@ def test_missing_table_keeps_the_worker_unready_and_parks_nothing(bed: Bed,
 
 def test_concurrent_writes_are_never_mistaken_for_trimming(bed: Bed) -> None:
     # Given producers writing while the stats are read over and over (no MAXLEN at all)
-    from dlq_worker.monitor import stream_stats
+    from dlq_worker.watch.monitor import stream_stats
 
     bed.client.xgroup_create(EVENTS, "dlq-worker", id="0", mkstream=True)
     cfg = bed.config()

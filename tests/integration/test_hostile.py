@@ -21,10 +21,11 @@ from typing import Any
 from sqlalchemy import text
 
 from dlq_worker import config as config_mod
-from dlq_worker import producer, samples
-from dlq_worker.decode import decode_entry
-from dlq_worker.embedded import free_port
-from dlq_worker.sink import Sink
+from dlq_worker import producer
+from dlq_worker.drain.decode import decode_entry
+from dlq_worker.drain.sink import Sink
+from dlq_worker.throwaway import samples
+from dlq_worker.throwaway.embedded import free_port
 from tests.conftest import EVENTS, NOTIFICATIONS, Bed, fast_env, wait_until
 
 DEAD = {EVENTS: "audit:dead-letter:events", NOTIFICATIONS: "audit:dead-letter:notifications"}

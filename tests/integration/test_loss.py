@@ -15,9 +15,10 @@ import redis
 from sqlalchemy import text
 
 from dlq_worker import config as config_mod
-from dlq_worker import producer, samples
-from dlq_worker.embedded import RedisProcess, free_port
-from dlq_worker.source import Source
+from dlq_worker import producer
+from dlq_worker.drain.source import Source
+from dlq_worker.throwaway import samples
+from dlq_worker.throwaway.embedded import RedisProcess, free_port
 from tests.conftest import EVENTS, GROUP, Bed, OwnedBed, fast_env, wait_until
 
 DEAD = "audit:dead-letter:events"
@@ -242,8 +243,8 @@ def test_entries_trimmed_while_in_hand_are_written_from_memory(owned: OwnedBed,
 def test_a_new_redis_server_restarts_the_trim_count_without_hiding_later_losses(
         bed: Bed) -> None:
     # Given a count of 100 entries trimmed unread, taken on one Redis server (run_id A)
-    from dlq_worker.monitor import _RAISE_LOST, RUN_ID_KEY
-    from dlq_worker.source import LEADER_KEY, LOST_KEY
+    from dlq_worker.drain.scripts import LEADER_KEY, LOST_KEY
+    from dlq_worker.watch.monitor import _RAISE_LOST, RUN_ID_KEY
     raise_lost = bed.client.register_script(_RAISE_LOST)
 
     def count(run_id: str, lost_unread: int, position: str, added: int) -> int:

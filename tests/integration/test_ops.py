@@ -15,9 +15,10 @@ import redis
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 
-from dlq_worker import producer, samples
-from dlq_worker.embedded import free_port
+from dlq_worker import producer
 from dlq_worker.producer import DlqUnavailable, InvalidRecord, Producer, write_or_enqueue
+from dlq_worker.throwaway import samples
+from dlq_worker.throwaway.embedded import free_port
 from tests.conftest import EVENTS, GROUP, NOTIFICATIONS, Bed, wait_until
 
 DEAD = "audit:dead-letter:events"

@@ -19,7 +19,8 @@ import pytest
 import redis
 import yaml
 
-from dlq_worker import producer, samples
+from dlq_worker import producer
+from dlq_worker.throwaway import samples
 from tests.conftest import EVENTS, Bed, OwnedBed, fast_env, wait_until
 from tests.integration.test_auth import PG_PASSWORD, AuthServers, _no_secret
 from tests.integration.test_ops import cli
@@ -46,7 +47,7 @@ def test_a_dlq_in_another_database_is_reported_within_a_minute(
         owned: OwnedBed, start_worker: Any, caplog: Any) -> None:
     # Given the platform's DLQ in DB 0, and a worker on DB 1 as the design says
     db0 = _platform_writes_db0(owned, 200)
-    caplog.set_level(logging.ERROR, logger="dlq_worker.monitor")
+    caplog.set_level(logging.ERROR, logger="dlq_worker.watch.monitor")
     started = time.monotonic()
     worker = start_worker(owned.config(streams={"other_databases_interval": "1s"}))
 

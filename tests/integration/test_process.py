@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dlq_worker.embedded import free_port
+from dlq_worker.throwaway.embedded import free_port
 from tests.conftest import EVENTS, NOTIFICATIONS, Bed, OwnedBed, fast_env, wait_until
 
 

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from dlq_worker import producer, samples
+from dlq_worker import producer
+from dlq_worker.throwaway import samples
 from tests.conftest import EVENTS, Bed, wait_until
 
 DEAD = "audit:dead-letter:events"

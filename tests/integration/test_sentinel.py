@@ -18,8 +18,9 @@ import pytest
 import redis
 from redis.sentinel import Sentinel
 
-from dlq_worker import producer, samples
-from dlq_worker.embedded import RedisProcess, find_redis_server, free_port
+from dlq_worker import producer
+from dlq_worker.throwaway import samples
+from dlq_worker.throwaway.embedded import RedisProcess, find_redis_server, free_port
 from tests.conftest import EVENTS, Bed, fast_env, wait_until
 
 MASTER = "dlq"

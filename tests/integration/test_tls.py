@@ -16,8 +16,9 @@ import pytest
 import redis
 import trustme
 
-from dlq_worker import producer, samples
-from dlq_worker.embedded import free_port
+from dlq_worker import producer
+from dlq_worker.throwaway import samples
+from dlq_worker.throwaway.embedded import free_port
 from tests.conftest import EVENTS, fast_env, wait_until
 from tests.integration.test_auth import (
     PG_PASSWORD,

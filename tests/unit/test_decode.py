@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlq_worker import producer, samples
-from dlq_worker.decode import (
+from dlq_worker import producer
+from dlq_worker.drain.decode import (
     AUDIT_EVENTS,
     MAX_ENVELOPE_BYTES,
     NOTIFICATION_AUDIT,
@@ -26,6 +26,7 @@ from dlq_worker.decode import (
     parse_timestamp,
 )
 from dlq_worker.errors import DecodeError, PermanentError
+from dlq_worker.throwaway import samples
 
 CONTRACT_EXAMPLE = samples.contract_example()
 

@@ -11,7 +11,10 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dlq_worker import chain, decode, gojson, producer, samples
+from dlq_worker import chain, producer
+from dlq_worker.chain import gojson
+from dlq_worker.drain import decode
+from dlq_worker.throwaway import samples
 
 _strings = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"])
                    | st.sampled_from(["<", ">", "&", "\u2028", "\u2029", "\b", "\x01", "\\",

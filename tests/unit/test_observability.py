@@ -11,7 +11,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from dlq_worker import config as config_mod
-from dlq_worker.metrics import Metrics
+from dlq_worker.watch.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 CHART = ROOT / "charts" / "dlq-worker"
@@ -92,10 +92,10 @@ def _reasons_in_code() -> set[str]:
     arguments, ``reason = "..."`` class attributes and the values of classify's tables."""
     import ast
 
-    from dlq_worker import classify
+    from dlq_worker.drain import classify
 
     found: set[str] = set()
-    for path in (ROOT / "dlq_worker").glob("*.py"):
+    for path in (ROOT / "dlq_worker").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.keyword) and node.arg == "reason" and isinstance(
                     node.value, ast.Constant) and isinstance(node.value.value, str):

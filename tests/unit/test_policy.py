@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from dlq_worker.classify import classify_database_error
+from dlq_worker.drain.classify import classify_database_error
+from dlq_worker.drain.policy import BatchPolicy, park_schedule, reject_delay
+from dlq_worker.drain.systemic import SystemicDetector
 from dlq_worker.errors import DatabaseUnavailable, MissingPartition, RejectedError
-from dlq_worker.policy import BatchPolicy, park_schedule, reject_delay
-from dlq_worker.systemic import SystemicDetector
 
 
 def test_batch_flushes_when_full_or_lingered() -> None:
@@ -78,7 +78,7 @@ def test_a_streak_expires() -> None:
 
 
 def test_redis_error_replies_are_told_apart() -> None:
-    from dlq_worker.source import _transient_reply
+    from dlq_worker.drain.redis_io import _transient_reply
 
     assert _transient_reply("LOADING Redis is loading the dataset in memory")
     assert _transient_reply("Error running script (call to f_x): @user_script:1: "
@@ -104,8 +104,8 @@ def test_redis_errors_as_redis_py_raises_them(reply: str, transient: bool) -> No
     # Given the exception redis-py builds from the reply (it strips known error codes)
     from redis._parsers.base import BaseParser
 
+    from dlq_worker.drain.redis_io import translated
     from dlq_worker.errors import RedisCommandError, RedisUnavailable
-    from dlq_worker.source import translated
 
     error = BaseParser.parse_error(reply)
     expected = RedisUnavailable if transient else RedisCommandError
@@ -166,7 +166,7 @@ def test_a_rejection_is_signed_with_the_logical_table_not_its_partition() -> Non
     # Given PostgreSQL's report naming the monthly partition
     from types import SimpleNamespace
 
-    from dlq_worker.sink import _classify
+    from dlq_worker.drain.sink import _classify
 
     def refusal(partition: str) -> Any:
         return SimpleNamespace(pgcode="23502", diag=SimpleNamespace(
@@ -181,7 +181,7 @@ def test_a_rejection_is_signed_with_the_logical_table_not_its_partition() -> Non
 
 
 def test_retry_log_lines_thin_out_and_together_count_every_attempt() -> None:
-    from dlq_worker.worker import _logged_attempt
+    from dlq_worker.drain.worker import _logged_attempt
     logged = [n for n in range(1, 201) if _logged_attempt(n)]
     assert logged == [1, 2, 3, 4, 8, 16, 32, 64, 128, 192]
     # each line says how many attempts it stands for; together they count all of them

@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from dlq_worker import config as config_mod
-from dlq_worker import elsewhere, exitcodes
+from dlq_worker import exitcodes
 from dlq_worker.config import Config
+from dlq_worker.drain.redis_io import make_client, translated
+from dlq_worker.drain.schema import add_months, partition_name
+from dlq_worker.drain.scripts import LOST_KEY
+from dlq_worker.drain.sink import Sink
 from dlq_worker.errors import ConfigError, TransientError
-from dlq_worker.monitor import redis_durability, stream_stats
-from dlq_worker.schema import add_months, partition_name
-from dlq_worker.sink import Sink
-from dlq_worker.source import LOST_KEY, make_client, translated
-from dlq_worker.status import scan_streams
+from dlq_worker.ops.status import scan_streams
+from dlq_worker.watch import elsewhere
+from dlq_worker.watch.monitor import redis_durability, stream_stats
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 EXIT = {PASS: exitcodes.OK, WARN: exitcodes.DOCTOR_WARN, FAIL: exitcodes.DOCTOR_FAIL}
@@ -109,7 +111,7 @@ def _stream_checks(cfg: Config, client: Any) -> list[Check]:
                      "start a worker: it creates the group at ID 0" if missing else ""))
     # What the workers counted as certain (entries trimmed before any group read them),
     # else what this look finds; next to the platform's retry worker, entries it read and
-    # deleted after its copy are no loss: they are "uncertain" at worst (see monitor.py).
+    # deleted after its copy are no loss: they are "uncertain" at worst (see watch/monitor.py).
     with translated(f"HGETALL {LOST_KEY}"):
         recorded = {_text(k): int(v) for k, v in client.hgetall(LOST_KEY).items()}
     lost = {s.stream: max(recorded.get(s.stream, 0),

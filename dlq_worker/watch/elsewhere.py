@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from dlq_worker.config import RedisConfig
-from dlq_worker.source import glob_escape, make_client, translated
+from dlq_worker.drain.redis_io import glob_escape, make_client, translated
 
 log = logging.getLogger(__name__)
 

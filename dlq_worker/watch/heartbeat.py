@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from dlq_worker.source import translated
+from dlq_worker.drain.redis_io import translated
 
 log = logging.getLogger(__name__)
 

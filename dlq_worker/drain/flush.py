@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dlq_worker.config import Config
-from dlq_worker.decode import AUDIT_EVENTS, Record, decode_entry
+from dlq_worker.drain.decode import AUDIT_EVENTS, Record, decode_entry
+from dlq_worker.drain.policy import reject_delay
+from dlq_worker.drain.redis_io import Entry, describe_entry
+from dlq_worker.drain.redis_io import id_pair as _id_key
+from dlq_worker.drain.sink import Outcome, Sink, WriteResult
+from dlq_worker.drain.source import Source
+from dlq_worker.drain.systemic import SystemicDetector
 from dlq_worker.errors import (
     DatabaseUnavailable,
     DecodeError,
@@ -32,12 +38,7 @@ from dlq_worker.errors import (
     SystemicRejection,
     TransientError,
 )
-from dlq_worker.metrics import Metrics
-from dlq_worker.policy import reject_delay
-from dlq_worker.sink import Outcome, Sink, WriteResult
-from dlq_worker.source import Entry, Source, describe_entry
-from dlq_worker.source import id_pair as _id_key
-from dlq_worker.systemic import SystemicDetector
+from dlq_worker.watch.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,12 @@ from typing import TypeVar
 import redis
 import tenacity
 
-from dlq_worker import control
 from dlq_worker.config import Config
+from dlq_worker.drain.flush import Flusher, internal_error
+from dlq_worker.drain.policy import BatchPolicy, transient_wait
+from dlq_worker.drain.redis_io import Entry
+from dlq_worker.drain.sink import Sink
+from dlq_worker.drain.source import Source
 from dlq_worker.errors import (
     DatabaseUnavailable,
     RedisCommandError,
@@ -28,13 +32,10 @@ from dlq_worker.errors import (
     SystemicRejection,
     TransientError,
 )
-from dlq_worker.flush import Flusher, internal_error
-from dlq_worker.health import Health
-from dlq_worker.heartbeat import Heartbeat
-from dlq_worker.metrics import Metrics
-from dlq_worker.policy import BatchPolicy, transient_wait
-from dlq_worker.sink import Sink
-from dlq_worker.source import Entry, Source
+from dlq_worker.watch import control
+from dlq_worker.watch.health import Health
+from dlq_worker.watch.heartbeat import Heartbeat
+from dlq_worker.watch.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -422,12 +423,12 @@ class Worker:
 
     def take_over_dead(self) -> None:
         """Claim at once what consumers whose heartbeat stopped were holding (see
-        heartbeat.py); a consumer still beating is never claimed from."""
+        watch/heartbeat.py); a consumer still beating is never claimed from."""
         assert self.heartbeat is not None
         dead = self.heartbeat.dead_consumers()
         if not dead:
             return
-        # Each consumer's entries idle as long as its own takeover_after (see heartbeat.py).
+        # Each consumer's entries idle as long as its own takeover_after (see watch/heartbeat.py).
         by_after: dict[float, list[str]] = {}
         for consumer, after in dead.items():
             by_after.setdefault(after, []).append(consumer)

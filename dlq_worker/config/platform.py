@@ -60,7 +60,7 @@ SECRET_FILES: dict[tuple[tuple[str, ...], tuple[str, ...], str], tuple[str, str]
 #: The database the platform's DLQ is in (see the module's docstring).
 PLATFORM_REDIS_DB = 0
 
-#: Origins of values read from a secrets file start so (config.py accepts secrets only
+#: Origins of values read from a secrets file start so (config/ accepts secrets only
 #: from the environment and from these).
 SECRET_ORIGIN = "platform secrets file "  # noqa: S105 - a label, not a secret
 

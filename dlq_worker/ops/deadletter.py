@@ -17,9 +17,9 @@ from typing import Any
 import redis
 
 from dlq_worker.config import Config
+from dlq_worker.drain.redis_io import translated
 from dlq_worker.errors import NoRoom, NotFound
-from dlq_worker.source import translated
-from dlq_worker.status import check_id, scan_streams
+from dlq_worker.ops.status import check_id, scan_streams
 
 #: Puts the original entry (ARGV[3..], rebuilt by ``original_fields``) back in its stream
 #: and deletes the dead letter ARGV[1], only while that stream holds fewer than ARGV[2]

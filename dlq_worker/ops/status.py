@@ -11,12 +11,13 @@ from typing import Any
 
 import redis
 
-from dlq_worker import control, elsewhere
 from dlq_worker.config import Config
-from dlq_worker.decode import AUDIT_EVENTS, decode_entry, decode_envelope
+from dlq_worker.drain.decode import AUDIT_EVENTS, decode_entry, decode_envelope
+from dlq_worker.drain.redis_io import translated
+from dlq_worker.drain.scripts import LOST_KEY
 from dlq_worker.errors import DecodeError, NotFound
-from dlq_worker.monitor import redis_durability, stream_stats
-from dlq_worker.source import LOST_KEY, translated
+from dlq_worker.watch import control, elsewhere
+from dlq_worker.watch.monitor import redis_durability, stream_stats
 
 _ID = re.compile(r"^(\d+)(-\d+)?$")
 

@@ -17,9 +17,10 @@ import redis
 from sqlalchemy import text
 
 from dlq_worker import config as config_mod
-from dlq_worker import producer, samples
+from dlq_worker import producer
 from dlq_worker.app import App
-from dlq_worker.embedded import PostgresProcess, RedisProcess
+from dlq_worker.throwaway import samples
+from dlq_worker.throwaway.embedded import PostgresProcess, RedisProcess
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:

@@ -27,9 +27,9 @@ from typing import Any
 import redis
 
 from dlq_worker.config import Config
+from dlq_worker.drain.redis_io import translated
 from dlq_worker.errors import NoRoom
-from dlq_worker.source import translated
-from dlq_worker.status import scan_streams
+from dlq_worker.ops.status import scan_streams
 
 CHUNK = 500
 #: On the target: stream -> the last source ID copied there.

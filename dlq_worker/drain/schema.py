@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import INET, JSONB, UUID
 from sqlalchemy.engine import Dialect
 
-from dlq_worker.decode import AUDIT_EVENTS, NOTIFICATION_AUDIT, dumps_exact
+from dlq_worker.drain.decode import AUDIT_EVENTS, NOTIFICATION_AUDIT, dumps_exact
 
 metadata = MetaData()
 
@@ -76,7 +76,7 @@ audit_events = Table(
     Column("error_message", Text),
     Column("retention_days", Integer),
     Column("is_sensitive", Boolean),
-    # The platform's hash chain (written only with the chain on; see chain.py).
+    # The platform's hash chain (written only with the chain on; see chain/link.py).
     Column("event_hash", Text),
     Column("previous_event_hash", Text),
     Column("hash_algorithm", String(20)),

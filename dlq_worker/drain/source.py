@@ -11,381 +11,47 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
-from dlq_worker.config import Config, RedisConfig
-from dlq_worker.errors import RedisCommandError, RedisUnavailable, StartupError, StreamGone
+from dlq_worker.config import Config
+from dlq_worker.drain.redis_io import (
+    LARGEST_ENTRY,
+    MAX_PARKED_FIELDS,
+    Entry,
+    _entries,
+    _first_line,
+    _text,
+    glob_escape,
+    id_pair,
+    make_client,
+    translated,
+)
+from dlq_worker.drain.scripts import (
+    _ADOPT,
+    _AUTOCLAIM,
+    _CLAIM_FROM,
+    _CLAIM_OWN,
+    _CORRELATIONS,
+    _CREATE_GROUP,
+    _CREATE_ROUTED,
+    _DELETE_IDLE_CONSUMER,
+    _FORGET,
+    _PARK,
+    _READ_BOUNDED,
+    _TOUCH,
+    LEADER_KEY,
+    LOST_KEY,
+    PARK_MARK_SECONDS,
+    _correlation,
+    deleted_key,
+    park_mark,
+)
+from dlq_worker.errors import RedisUnavailable, StreamGone
 
 log = logging.getLogger(__name__)
-
-#: Moves one entry to its dead-letter stream and out of the DLQ, in one atomic step.
-#: It acts only while the entry is still pending on this consumer, so an entry
-#: another worker claimed (and will decide about itself) is never parked twice; an entry
-#: deleted from the stream while we held it is parked from what we hold (returns 2).
-#: Each park leaves a mark (KEYS[3], kept PARK_MARK_SECONDS) naming who parked it: an
-#: entry already parked is never parked again from memory, whether our own reply was
-#: lost (returns 3: ours) or another consumer claimed and parked it first (returns 4).
-_PARK = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then
-  -- Not pending on us. Still in the stream: another worker has it.
-  if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0 then return 0 end
-  -- Gone from it: parked already (by us, a reply lost; or by whoever claimed it), or
-  -- trimmed while we held it, and then what we hold is the only copy left.
-  local by = redis.call('GET', KEYS[3])
-  if by then
-    if by == ARGV[3] then return 3 end
-    return 4
-  end
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
-  redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
-  return 2
-end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return 1
-"""
-
-#: How long a park's mark is kept (see _PARK): far past any retry of a lost reply and
-#: any consumer still working on an entry claimed from it.
-PARK_MARK_SECONDS = 7 * 24 * 3600
-PARK_MARK_PREFIX = "dlq-worker:parked:"
-
-
-def park_mark(stream: str, entry_id: str) -> str:
-    return f"{PARK_MARK_PREFIX}{stream}:{entry_id}"
-
-
-#: Removes a consumer only if it holds nothing, checked atomically: XGROUP
-#: DELCONSUMER drops the consumer's pending entries, which would strand them.
-_DELETE_IDLE_CONSUMER = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if #p > 0 then return -1 end
-return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-"""
-
-
-#: XCLAIM one entry to ourselves only while it is still pending on us. XCLAIM silently
-#: drops from the PEL an ID whose entry was deleted (trimmed) from the stream; the script
-#: tells that case apart: ``{'lost'}`` means it was pending on us and is now gone.
-_CLAIM_OWN = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return {} end
-local r
-if ARGV[4] == '1' then
-  r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
-else  -- not an attempt: the delivery count stays as it is
-  r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', p[1][4])
-end
-if #r == 0 then
-  redis.call('RPUSH', KEYS[2], ARGV[3])
-  return {'lost'}
-end
-return r
-"""
-
-#: Takes over entries from a dead consumer (ARGV[4]), each only while it is still pending
-#: on that consumer and idle at least ARGV[3] ms, in one atomic step per call: two replicas
-#: taking over at once, or the owner acknowledging meanwhile, never see an entry twice.
-#: XCLAIM drops from the PEL an ID whose entry was deleted: those come back as lost, once.
-_CLAIM_FROM = """
-local claimed, lost = {}, {}
-for i = 5, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[i], ARGV[i], 1,
-                       ARGV[4])
-  if #p > 0 then
-    local r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[i])
-    if #r == 0 then
-      lost[#lost + 1] = ARGV[i]
-      redis.call('RPUSH', KEYS[2], ARGV[i])
-    else
-      claimed[#claimed + 1] = r[1]
-    end
-  end
-end
-return {claimed, lost}
-"""
-
-#: Resets the idle time of entries we hold (XCLAIM JUSTID), returning the IDs that were
-#: pending on us but whose entry is gone: XCLAIM drops those from the PEL without a word.
-_TOUCH = """
-local lost = {}
-for i = 2, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p > 0 then
-    local r = redis.call('XCLAIM', KEYS[1], ARGV[1], p[1][2], 0, ARGV[i], 'JUSTID')
-    if #r == 0 then
-      lost[#lost + 1] = ARGV[i]
-      redis.call('RPUSH', KEYS[2], ARGV[i])
-    end
-  end
-end
-return lost
-"""
-
-#: XAUTOCLAIM, recording in KEYS[2] the IDs it drops from the PEL (their entries deleted).
-_AUTOCLAIM = """
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT',
-                     ARGV[5])
-local gone = r[3] or {}
-for i = 1, #gone do redis.call('RPUSH', KEYS[2], gone[i]) end
-return r
-"""
-
-#: Every pending ID Redis drops in one of our claims (its entry deleted: see each script
-#: above) is also pushed, in the same step, onto a list of ours: if the reply is lost on
-#: the wire, the next claim still hears of it. Counted IDs are then removed (idempotent).
-DELETED_PREFIX = "dlq-worker:deleted-pending:"
-
-_FORGET = """
-for i = 1, #ARGV do redis.call('LREM', KEYS[1], 1, ARGV[i]) end
-return 1
-"""
-
-#: A dead or removed consumer's list becomes ours, in one step.
-_ADOPT = """
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-for i = 1, #ids do redis.call('RPUSH', KEYS[2], ids[i]) end
-redis.call('DEL', KEYS[1])
-return #ids
-"""
-
-
-_PLAIN_STRING = re.compile(r'((?:[^"\\]|\\.)*)"')
-_ESCAPED_STRING = re.compile(r'((?:[^\\]|\\\\)*)\\"')
-
-
-def _correlation(raw: Any) -> str:
-    """The correlation_id that _CORRELATIONS found the start of, "" if none or unsure."""
-    if not raw:
-        return ""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    kind, rest = text[:1], text[1:]
-    if kind == "1":
-        m = _PLAIN_STRING.match(rest)
-        body = m.group(1) if m else None
-    else:  # inside a JSON string: one level of escaping more
-        m = _ESCAPED_STRING.match(rest)
-        body = m.group(1).replace("\\\\", "\\") if m else None
-    if body is None:
-        return ""
-    try:
-        return str(json.loads('"' + body + '"'))
-    except ValueError:
-        return ""
-
-
-def deleted_key(group: str, consumer: str, stream: str) -> str:
-    return f"{DELETED_PREFIX}{group}:{consumer}:{stream}"
-
-#: Where each stream's count of entries trimmed unread (since its group was created) lives,
-#: in the DLQ's database: a hash, outside the stream prefixes.
-LOST_KEY = "dlq-worker:trimmed-unread"
-#: The group that had read furthest, and its gone-unread figure, at the last count (see
-#: monitor.py): restarts with the group, like the count.
-LEADER_KEY = "dlq-worker:trimmed-unread:leader"
-
-#: Creates the group at 0 and forgets the trimmed-unread count of the group before it.
-_CREATE_GROUP = """
-redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
-redis.call('HDEL', KEYS[2], KEYS[1])
-redis.call('HDEL', KEYS[3], KEYS[1])
-return 1
-"""
-
-#: Creates a routed stream that does not exist yet, empty, with its group (KEDA's trigger on
-#: a stream needs the stream and the group); an existing stream is left to discovery.
-_CREATE_ROUTED = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-redis.call('HDEL', KEYS[2], KEYS[1])
-redis.call('HDEL', KEYS[3], KEYS[1])
-return 1
-"""
-
-#: Reads entries for our group from each stream (KEYS) in steps, stopping before the
-#: count (ARGV[3]) or the byte budget (ARGV[4]) could be passed: a step takes no more
-#: entries than the budget left holds entries of the largest valid size (ARGV[5]), so for
-#: entries up to that size the bytes read never exceed the budget, whatever the mix and
-#: order of sizes. ARGV[6 + k]: ``>`` for new entries, or a cursor into our pending ones
-#: (deleted ones come back with no fields). XREADGROUP's COUNT is per stream: here the
-#: count and the budget are for the whole read.
-#: For each entry ID in ARGV, the text that follows its message's first
-#: ``"correlation_id":"`` (plain JSON: '1' then the text; the payload held as a JSON string,
-#: the key escaped: '2' then the text), at most 600 bytes of it; false when the entry is
-#: gone or has none. Read in place: the entries themselves never leave Redis.
-_CORRELATIONS = """
-local out = {}
-for i = 1, #ARGV do
-  local found = false
-  local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-  if #e > 0 then
-    local f = e[1][2]
-    for j = 1, #f, 2 do
-      if f[j] == 'message' then
-        local v = f[j + 1]
-        local _, t = string.find(v, '"correlation_id"%s*:%s*"')
-        if t then
-          found = '1' .. string.sub(v, t + 1, t + 600)
-        else
-          _, t = string.find(v, '\\\\"correlation_id\\\\"%s*:%s*\\\\"')
-          if t then found = '2' .. string.sub(v, t + 1, t + 600) end
-        end
-      end
-    end
-  end
-  out[#out + 1] = found
-end
-return out
-"""
-
-_READ_BOUNDED = """
-local group, consumer = ARGV[1], ARGV[2]
-local left, budget, largest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local out = {}
-for k = 1, #KEYS do
-  local id = ARGV[5 + k]
-  local rows = {}
-  while left > 0 and budget > 0 do
-    local step = math.min(left, math.max(1, math.floor(budget / largest)))
-    local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', step,
-                         'STREAMS', KEYS[k], id)
-    local got = (r and r[1] and r[1][2]) or {}
-    for _, e in ipairs(got) do
-      rows[#rows + 1] = e
-      if e[2] then
-        for i = 1, #e[2] do budget = budget - #e[2][i] end
-      end
-      if id ~= '>' then id = e[1] end
-    end
-    left = left - #got
-    if #got < step then break end
-  end
-  if #rows > 0 then out[#out + 1] = {KEYS[k], rows} end
-end
-return out
-"""
-
-#: Redis errors that mean "not now" rather than "never": the server is loading, busy,
-#: failing over or out of memory. Every other error reply is a RedisCommandError.
-_TRANSIENT_REPLIES = frozenset({"LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN",
-                                "CLUSTERDOWN", "OOM", "NOREPLICAS", "NOAUTH", "WRONGPASS",
-                                "NOPERM"})
-
-#: The largest entry a read step counts on: the contract's largest envelope (1 MiB) with
-#: room for its field name. Reads and claims are sized by it, so the bytes they bring
-#: never pass the budget for entries up to this size (larger ones are parked at once).
-LARGEST_ENTRY = 1024 * 1024 + 1024
-
-#: Fields of a parked entry kept one by one; beyond that the rest travel in one field, so
-#: an entry with thousands of fields is parked whole (Lua's unpack has a limit).
-MAX_PARKED_FIELDS = 200
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stream entry as read. ``fields`` is empty when it was deleted while pending."""
-
-    stream: str
-    id: str
-    fields: Mapping[bytes, bytes]
-
-    @property
-    def deleted(self) -> bool:
-        return not self.fields
-
-    @property
-    def size(self) -> int:
-        """Bytes of its field names and values: what holding it in memory costs, roughly."""
-        return sum(len(k) + len(v) for k, v in self.fields.items())
-
-    @property
-    def first_failed_at(self) -> str:
-        """When it entered the DLQ (its ID's time, set by Redis): its first failure; empty
-        for an ID no calendar holds (an explicit ID far in the future)."""
-        try:
-            stamp = dt.datetime.fromtimestamp(int(self.id.split("-", 1)[0]) / 1000, dt.UTC)
-        except (ValueError, OverflowError, OSError):
-            return ""
-        return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Redis:
-    """A client for the DLQ's database; no built-in retries: the loop owns backoff."""
-    timeout = max(float(config.socket_timeout), block_seconds + 5.0)
-    kwargs: dict[str, Any] = {}
-    if config.use_tls:
-        kwargs["ssl"] = True
-        if config.tls_ca_file:
-            kwargs["ssl_ca_certs"] = config.tls_ca_file
-        if config.tls_cert_file:
-            kwargs["ssl_certfile"] = config.tls_cert_file
-            kwargs["ssl_keyfile"] = config.tls_key_file or None
-    common: dict[str, Any] = dict(
-        db=config.db,
-        username=config.username or None,
-        password=config.password or None,
-        socket_timeout=timeout,
-        socket_connect_timeout=float(config.socket_timeout),
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 0),
-        client_name="dlq-worker",
-        **kwargs,
-    )
-    if config.sentinels:
-        # redis-py asks the sentinels for the master at every new connection and drops its
-        # connections when the master it knew turns read-only: a failover is followed by
-        # the loop's own retries. The sentinels speak TLS too when the data nodes do.
-        sentinel = Sentinel(config.sentinel_addrs, sentinel_kwargs={  # type: ignore[no-untyped-call]
-            "socket_timeout": float(config.socket_timeout),
-            "socket_connect_timeout": float(config.socket_timeout), **kwargs})
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            config.master_name, **common)
-        return master
-    return redis.Redis(host=config.host, port=config.port, **common)
-
-
-#: Replies that mean "this stream or its group does not exist", not "Redis is down".
-_GONE = ("NOGROUP", "no such key")
-
-
-@contextmanager
-def translated(what: str, stream: str | None = None) -> Iterator[None]:
-    """Turn any redis-py error into the worker's terms, naming the operation: a vanished
-    stream or group (when ``stream`` is given) into StreamGone; an error reply no retry
-    cures (WRONGTYPE, a script error) into RedisCommandError; the rest (connection lost,
-    loading, failing over) into RedisUnavailable."""
-    try:
-        yield
-    except redis.ResponseError as exc:
-        text = _first_line(exc)
-        if stream is not None and any(marker in text for marker in _GONE):
-            raise StreamGone([stream]) from exc
-        # redis-py strips the error code of the replies it knows (READONLY, OOM, NOPERM,
-        # TRYAGAIN...) into the exception's class and status_code: look there first.
-        code = str(getattr(exc, "status_code", None) or "")
-        if code in _TRANSIENT_REPLIES or _transient_reply(text):
-            raise RedisUnavailable(f"{what}: {type(exc).__name__}: {text}") from exc
-        raise RedisCommandError(f"{what}: {text}") from exc
-    except redis.RedisError as exc:
-        raise RedisUnavailable(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
-
-
-def _transient_reply(text: str) -> bool:
-    # The error code may follow a script's own prefix: look at every upper-case word.
-    return not _TRANSIENT_REPLIES.isdisjoint(re.findall(r"\b[A-Z]{2,}\b", text))
 
 
 class Source:
@@ -841,60 +507,3 @@ class Source:
             except redis.ResponseError:
                 return False
         return any(_text(g.get("name", b"")) == self.group for g in groups)
-
-
-def check_connection(config: RedisConfig) -> None:
-    """Fail fast with a StartupError if Redis cannot be reached."""
-    client = make_client(config)
-    try:
-        with translated("PING"):
-            client.ping()
-    except RedisUnavailable as exc:
-        raise StartupError(f"Redis at {config.host}:{config.port} db {config.db}: {exc}") from exc
-    finally:
-        client.close()
-
-
-def _entries(reply: Any) -> Iterator[Entry]:
-    if not reply:
-        return
-    for stream_name, rows in reply:
-        stream = _text(stream_name)
-        for entry_id, fields in rows:
-            if entry_id is not None:
-                yield Entry(stream, _text(entry_id), fields or {})
-
-
-def id_pair(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:240] if text else type(exc).__name__
-
-
-def glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def describe_entry(entry: Entry) -> dict[str, Any]:
-    """Log-safe facts about an entry: IDs and correlation, never the payload."""
-    facts: dict[str, Any] = {"stream": entry.stream, "entry_id": entry.id}
-    raw = entry.fields.get(b"message")
-    if raw:
-        try:
-            doc = json.loads(raw)
-            payload = doc.get("payload") if isinstance(doc, dict) else None
-            if isinstance(payload, str):
-                payload = json.loads(payload)
-            if isinstance(payload, dict) and isinstance(payload.get("correlation_id"), str):
-                facts["correlation_id"] = payload["correlation_id"][:255]
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            pass
-    return facts

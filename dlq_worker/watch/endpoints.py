@@ -10,8 +10,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dlq_worker.health import Health
-from dlq_worker.metrics import Metrics
+from dlq_worker.watch.health import Health
+from dlq_worker.watch.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

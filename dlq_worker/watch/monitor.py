@@ -17,13 +17,14 @@ from typing import Any
 
 import redis
 
-from dlq_worker import elsewhere
 from dlq_worker.config import Config
-from dlq_worker.elsewhere import OtherDatabases
-from dlq_worker.health import Health
-from dlq_worker.metrics import Metrics
-from dlq_worker.sink import Sink
-from dlq_worker.source import LEADER_KEY, LOST_KEY, make_client, translated
+from dlq_worker.drain.redis_io import make_client, translated
+from dlq_worker.drain.scripts import LEADER_KEY, LOST_KEY
+from dlq_worker.drain.sink import Sink
+from dlq_worker.watch import elsewhere
+from dlq_worker.watch.elsewhere import OtherDatabases
+from dlq_worker.watch.health import Health
+from dlq_worker.watch.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

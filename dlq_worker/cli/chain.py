@@ -10,12 +10,12 @@ from typing import Any
 import click
 
 from dlq_worker import chain, exitcodes
-from dlq_worker.cli import cli, config_options, load_config
+from dlq_worker.cli.options import config_options, load_config
+from dlq_worker.drain.sink import Sink
 from dlq_worker.errors import ConfigError, NotFound, StartupError
-from dlq_worker.sink import Sink
 
 
-@cli.command("verify-chain")
+@click.command("verify-chain")
 @config_options
 @click.argument("correlation_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Every chain with an event since --since.")
@@ -98,3 +98,6 @@ def _reason(exc: BaseException) -> str:
     orig: Any = getattr(exc, "orig", None) or exc
     first = str(orig).strip().splitlines()[0][:240] if str(orig).strip() else ""
     return f"{type(orig).__name__}: {first}" if first else type(orig).__name__
+
+
+COMMANDS = [verify_chain]

@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Boolean, Connection, Date, DateTime, Integer, text
 from sqlalchemy.dialects.postgresql import INET, JSONB, UUID
 
-from dlq_worker.decode import Record, dumps_exact
-from dlq_worker.schema import CONFLICT_KEYS, TABLES
+from dlq_worker.drain.decode import Record, dumps_exact
+from dlq_worker.drain.schema import CONFLICT_KEYS, TABLES
 
 #: How each column is read back from JSON for the comparison (text for every string type:
 #: a too-long incoming value must compare, not fail).

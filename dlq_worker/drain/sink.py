@@ -30,20 +30,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL
 
-from dlq_worker import chain, pgcopy
-from dlq_worker.classify import classify_database_error
+from dlq_worker import chain
 from dlq_worker.config import DatabaseConfig
-from dlq_worker.conflicts import find_conflicts
-from dlq_worker.decode import AUDIT_EVENTS, Record, dumps_exact
-from dlq_worker.errors import (
-    DatabaseUnavailable,
-    KeyConflict,
-    MissingPartition,
-    PermanentError,
-    RejectedError,
-    StartupError,
-)
-from dlq_worker.schema import (
+from dlq_worker.drain import pgcopy
+from dlq_worker.drain.classify import classify_database_error
+from dlq_worker.drain.conflicts import find_conflicts
+from dlq_worker.drain.decode import AUDIT_EVENTS, Record, dumps_exact
+from dlq_worker.drain.schema import (
     CONFLICT_KEYS,
     CREATE_TABLES,
     TABLES,
@@ -51,6 +44,14 @@ from dlq_worker.schema import (
     months_around,
     partition_ddl,
     partition_name,
+)
+from dlq_worker.errors import (
+    DatabaseUnavailable,
+    KeyConflict,
+    MissingPartition,
+    PermanentError,
+    RejectedError,
+    StartupError,
 )
 
 log = logging.getLogger(__name__)

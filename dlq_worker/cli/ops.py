@@ -13,22 +13,23 @@ import click
 import redis
 
 from dlq_worker import config as config_mod
-from dlq_worker import control, exitcodes
-from dlq_worker import deadletter as dl
-from dlq_worker import doctor as doctor_mod
-from dlq_worker.cli import cli, config_options, flag_overrides, load_config
+from dlq_worker import exitcodes
+from dlq_worker.cli.options import config_options, flag_overrides, load_config
 from dlq_worker.config import Config, RedisConfig
+from dlq_worker.drain.redis_io import make_client, translated
 from dlq_worker.errors import ConfigError
-from dlq_worker.move import Pace, count_entries, stream_keys
-from dlq_worker.move import move as move_streams
-from dlq_worker.source import make_client, translated
-from dlq_worker.status import (
+from dlq_worker.ops import deadletter as dl
+from dlq_worker.ops import doctor as doctor_mod
+from dlq_worker.ops.move import Pace, count_entries, stream_keys
+from dlq_worker.ops.move import move as move_streams
+from dlq_worker.ops.status import (
     check_id,
     describe_for_humans,
     format_status,
     gather_status,
     resolve_stream,
 )
+from dlq_worker.watch import control
 
 
 def _client(cfg: Config) -> redis.Redis:
@@ -42,7 +43,7 @@ def _emit(doc: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(doc, indent=2, default=str) if as_json else text)
 
 
-@cli.command()
+@click.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", type=float, default=None, metavar="SECONDS",
@@ -74,7 +75,7 @@ def status(config_path: str | None, as_json: bool, watch: float | None,
         client.close()
 
 
-@cli.command()
+@click.command()
 @config_options
 @click.option("--reason", default="", help="Why: shown in status, /readyz and the log.")
 def pause(config_path: str | None, reason: str, **flags: Any) -> None:
@@ -99,7 +100,7 @@ def pause(config_path: str | None, reason: str, **flags: Any) -> None:
     click.echo(f"group {cfg.streams.group}: {found.describe()}")
 
 
-@cli.command()
+@click.command()
 @config_options
 def resume(config_path: str | None, **flags: Any) -> None:
     """Lift a pause: every replica takes new entries again within one poll.
@@ -121,7 +122,7 @@ def resume(config_path: str | None, **flags: Any) -> None:
         click.echo(f"group {cfg.streams.group}: resumed ({lifted.describe()})")
 
 
-@cli.command()
+@click.command()
 @config_options
 @click.argument("stream")
 @click.option("--count", "-n", default=10, show_default=True, help="Entries to show.")
@@ -169,7 +170,7 @@ def peek(config_path: str | None, stream: str, count: int, from_id: str, payload
         click.echo(f"(no entries in {key} from {from_id})")
 
 
-@cli.group("dead-letter")
+@click.group("dead-letter")
 def dead_letter() -> None:
     """Parked entries: list, show, replay, purge."""
 
@@ -382,7 +383,7 @@ def _by_target(store: dl.DeadLetters, entries: list[dl.Parked]) -> dict[str, int
     return counts
 
 
-@cli.command()
+@click.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--fail-on", type=click.Choice(["warn", "fail"]), default="warn",
@@ -406,7 +407,7 @@ def doctor(config_path: str | None, as_json: bool, fail_on: str, **flags: Any) -
     sys.exit(doctor_mod.EXIT[worst])
 
 
-@cli.command()
+@click.command()
 @config_options
 @click.option("--to", "to_url", required=True, help="Target: redis[s]://host:port")
 @click.option("--db", "to_db", type=int, default=None, help="Target database (default: same).")
@@ -459,3 +460,6 @@ def move(config_path: str | None, to_url: str, to_db: int | None, max_fill: floa
 
 def _deliveries(count: Any) -> str:
     return f"{count} delivery" if str(count) == "1" else f"{count} deliveries"
+
+
+COMMANDS = [status, pause, resume, peek, dead_letter, doctor, move]
