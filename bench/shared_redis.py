@@ -24,7 +24,7 @@ import redis
 
 from bench import workloads
 from dlq_worker import config as config_mod
-from dlq_worker.watch.monitor import stream_stats
+from dlq_worker.watch.loss import stream_stats
 
 EVENTS = "audit:dlq:events"
 GROUP = "dlq-worker"

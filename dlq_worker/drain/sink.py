@@ -25,17 +25,24 @@ from typing import Any
 
 import psycopg2
 import psycopg2.errors
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import URL
 
 from dlq_worker import chain
 from dlq_worker.config import DatabaseConfig
 from dlq_worker.drain import pgcopy
-from dlq_worker.drain.classify import classify_database_error
 from dlq_worker.drain.conflicts import find_conflicts
-from dlq_worker.drain.decode import AUDIT_EVENTS, Record, dumps_exact
+from dlq_worker.drain.decode import AUDIT_EVENTS, Record
+from dlq_worker.drain.postgres import (
+    UNENCODABLE,
+    classify,
+    first_line,
+    is_disconnect,
+    make_engine,
+    translate,
+    unencodable,
+)
 from dlq_worker.drain.schema import (
     CONFLICT_KEYS,
     CREATE_TABLES,
@@ -57,7 +64,6 @@ from dlq_worker.errors import (
 log = logging.getLogger(__name__)
 
 
-
 class Outcome(enum.Enum):
     WRITTEN = "written"
     DUPLICATE = "duplicate"
@@ -76,51 +82,6 @@ class WriteResult:
     partitions_created: list[str] = field(default_factory=list)
     #: audit_events rows with the hash chain on: True linked, False written unhashed (late).
     chained: dict[int, bool] = field(default_factory=dict)
-
-
-def database_url(config: DatabaseConfig) -> URL:
-    query: dict[str, str] = {"sslmode": config.sslmode}
-    for name in ("sslrootcert", "sslcert", "sslkey"):
-        if getattr(config, name):
-            query[name] = getattr(config, name)
-    return URL.create(
-        "postgresql+psycopg2",
-        username=config.user,
-        password=config.password or None,
-        host=config.host,
-        port=config.port,
-        database=config.name,
-        query=query,
-    )
-
-
-def make_engine(config: DatabaseConfig) -> Engine:
-    timeouts = " ".join(f"-c {name}={int(float(value) * 1000)}" for name, value in (
-        ("statement_timeout", config.statement_timeout),
-        ("lock_timeout", config.lock_timeout),
-        ("idle_in_transaction_session_timeout", config.idle_in_transaction_timeout)))
-    return create_engine(
-        database_url(config),
-        # Payloads are audit data: SQLAlchemy must never put parameters in an error message.
-        hide_parameters=True,
-        # jsonb values keep every digit (decoded numbers may be Decimal).
-        json_serializer=dumps_exact,
-        pool_size=2,
-        max_overflow=2,
-        pool_recycle=1800,
-        connect_args={
-            "connect_timeout": max(1, int(config.connect_timeout)),
-            "application_name": "dlq-worker",
-            # Every wait bounded: a statement, a lock, and a session of ours left idle
-            # inside a transaction (a frozen worker's locks are released by the server).
-            "options": timeouts,
-            # A vanished server is noticed in ~1 min instead of the kernel's hours.
-            "keepalives": 1,
-            "keepalives_idle": 30,
-            "keepalives_interval": 10,
-            "keepalives_count": 3,
-        },
-    )
 
 
 class Sink:
@@ -286,8 +247,8 @@ class Sink:
         names = ", ".join(columns)
         try:
             data = pgcopy.encode_text(rows, columns)
-        except _UNENCODABLE as exc:
-            raise _unencodable(type(exc).__name__) from exc
+        except UNENCODABLE as exc:
+            raise unencodable(type(exc).__name__) from exc
         cursor = None
         try:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -306,9 +267,9 @@ class Sink:
             returned = self._copy_staged(cursor, table, data, names)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             conn.invalidate()  # raw DBAPI use: SQLAlchemy cannot see the connection broke
-            raise DatabaseUnavailable(f"connection lost: {_message(exc)}") from exc
+            raise DatabaseUnavailable(f"connection lost: {first_line(exc)}") from exc
         except psycopg2.Error as exc:
-            raise _classify(exc, table) from exc
+            raise classify(exc, table) from exc
         finally:
             if cursor is not None:
                 cursor.close()
@@ -354,13 +315,13 @@ class Sink:
                 return
             returned = conn.execute(stmt, rows).all()
         except sa_exc.DBAPIError as exc:
-            raise _translate(exc, table) from exc
-        except _UNENCODABLE as exc:
-            raise _unencodable(type(exc).__name__) from exc
+            raise translate(exc, table) from exc
+        except UNENCODABLE as exc:
+            raise unencodable(type(exc).__name__) from exc
         except sa_exc.StatementError as exc:
             # Raised by the driver before the server saw the statement: a value it cannot
             # send. Rows are validated when decoded, so this is one row's problem.
-            raise _unencodable(type(exc.orig).__name__) from exc
+            raise unencodable(type(exc.orig).__name__) from exc
         _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
 
     def _rows(self, conn: Connection, table: str, records: Sequence[Record],
@@ -489,8 +450,8 @@ class Sink:
                 )
             except sa_exc.DBAPIError as exc:
                 savepoint.rollback()
-                if _is_disconnect(exc):
-                    raise _translate(exc, AUDIT_EVENTS) from exc
+                if is_disconnect(exc):
+                    raise translate(exc, AUDIT_EVENTS) from exc
                 # Lacking the privilege, or a concurrent worker created it first: either
                 # way the retried insert tells which.
                 log.warning(
@@ -498,7 +459,7 @@ class Sink:
                     extra={
                         "event": "partition_create_failed",
                         "partition": partition_name(month),
-                        "error": _message(exc),
+                        "error": first_line(exc),
                     },
                 )
         return created
@@ -510,9 +471,9 @@ class Sink:
         except (DatabaseUnavailable, RejectedError):
             raise
         except sa_exc.DBAPIError as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
         except sa_exc.SQLAlchemyError as exc:
-            raise DatabaseUnavailable(f"{type(exc).__name__}: {_message(exc)}") from exc
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 #: How often a write is redone because a row it linked into a chain was not stored.
@@ -547,14 +508,6 @@ def _linked_but_skipped(indexes: Sequence[int], result: WriteResult) -> bool:
     return bool(skipped)
 
 
-#: What psycopg2 raises, unwrapped, for a value it cannot encode.
-_UNENCODABLE = (UnicodeError, ValueError, TypeError, OverflowError)
-
-
-def _unencodable(kind: str) -> RejectedError:
-    return RejectedError(f"value cannot be sent to PostgreSQL: {kind}", reason="unencodable")
-
-
 def _mark(records: Sequence[Record], indexes: Sequence[int], returned: list[tuple[str, ...]],
           result: WriteResult) -> None:
     """New rows (their keys came back from RETURNING) are written; the others existed."""
@@ -581,24 +534,6 @@ def check_connection(config: DatabaseConfig) -> None:
         sink.close()
 
 
-def _translate(exc: sa_exc.DBAPIError, table: str | None = None,
-               ) -> DatabaseUnavailable | RejectedError:
-    if _is_disconnect(exc):
-        return DatabaseUnavailable(f"connection lost: {_message(exc)}")
-    return _classify(exc.orig, table)
-
-
-def _classify(orig: Any, table: str | None) -> DatabaseUnavailable | RejectedError:
-    diag = getattr(orig, "diag", None)
-    return classify_database_error(
-        getattr(orig, "pgcode", None), _message(orig),
-        constraint=getattr(diag, "constraint_name", None),
-        column=getattr(diag, "column_name", None),
-        # The logical table, not the partition PostgreSQL names (audit_events_2026_08):
-        # one cause across a month's end must stay one signature.
-        table=table or getattr(diag, "table_name", None))
-
-
 def partition_window(config: DatabaseConfig, today: dt.date | None = None) -> list[dt.date]:
     """The months whose partition the worker may create, around today (UTC)."""
     today = today or dt.datetime.now(dt.UTC).date()
@@ -613,13 +548,3 @@ def outside_window(config: DatabaseConfig, err: RejectedError) -> RejectedError:
         signature=f"{err.signature} outside_window")
 
 
-def _is_disconnect(exc: sa_exc.DBAPIError) -> bool:
-    sqlstate = getattr(exc.orig, "pgcode", None) or ""
-    return bool(exc.connection_invalidated) or sqlstate.startswith(("08", "57P"))
-
-
-def _message(exc: BaseException) -> str:
-    """The driver's first line: no SQL, no parameters."""
-    orig: Any = getattr(exc, "orig", None) or exc
-    text_ = str(orig).strip()
-    return text_.splitlines()[0][:240] if text_ else type(orig).__name__

@@ -18,7 +18,8 @@ from dlq_worker.drain.sink import Sink
 from dlq_worker.errors import ConfigError, TransientError
 from dlq_worker.ops.status import scan_streams
 from dlq_worker.watch import elsewhere
-from dlq_worker.watch.monitor import redis_durability, stream_stats
+from dlq_worker.watch.loss import stream_stats
+from dlq_worker.watch.monitor import redis_durability
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 EXIT = {PASS: exitcodes.OK, WARN: exitcodes.DOCTOR_WARN, FAIL: exitcodes.DOCTOR_FAIL}

@@ -17,7 +17,8 @@ from dlq_worker.drain.redis_io import translated
 from dlq_worker.drain.scripts import LOST_KEY
 from dlq_worker.errors import DecodeError, NotFound
 from dlq_worker.watch import control, elsewhere
-from dlq_worker.watch.monitor import redis_durability, stream_stats
+from dlq_worker.watch.loss import stream_stats
+from dlq_worker.watch.monitor import redis_durability
 
 _ID = re.compile(r"^(\d+)(-\d+)?$")
 

@@ -492,7 +492,7 @@ def test_missing_table_keeps_the_worker_unready_and_parks_nothing(bed: Bed,
 
 def test_concurrent_writes_are_never_mistaken_for_trimming(bed: Bed) -> None:
     # Given producers writing while the stats are read over and over (no MAXLEN at all)
-    from dlq_worker.watch.monitor import stream_stats
+    from dlq_worker.watch.loss import stream_stats
 
     bed.client.xgroup_create(EVENTS, "dlq-worker", id="0", mkstream=True)
     cfg = bed.config()

@@ -244,8 +244,8 @@ def test_a_new_redis_server_restarts_the_trim_count_without_hiding_later_losses(
         bed: Bed) -> None:
     # Given a count of 100 entries trimmed unread, taken on one Redis server (run_id A)
     from dlq_worker.drain.scripts import LEADER_KEY, LOST_KEY
-    from dlq_worker.watch.monitor import _RAISE_LOST, RUN_ID_KEY
-    raise_lost = bed.client.register_script(_RAISE_LOST)
+    from dlq_worker.watch.loss import RAISE_LOST, RUN_ID_KEY
+    raise_lost = bed.client.register_script(RAISE_LOST)
 
     def count(run_id: str, lost_unread: int, position: str, added: int) -> int:
         return int(raise_lost(keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],

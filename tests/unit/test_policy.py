@@ -166,14 +166,14 @@ def test_a_rejection_is_signed_with_the_logical_table_not_its_partition() -> Non
     # Given PostgreSQL's report naming the monthly partition
     from types import SimpleNamespace
 
-    from dlq_worker.drain.sink import _classify
+    from dlq_worker.drain.postgres import classify
 
     def refusal(partition: str) -> Any:
         return SimpleNamespace(pgcode="23502", diag=SimpleNamespace(
             constraint_name=None, column_name="tenant", table_name=partition),
             __str__=lambda self: "null value")
 
-    august, september = (_classify(refusal(p), "audit_events")
+    august, september = (classify(refusal(p), "audit_events")
                          for p in ("audit_events_2026_08", "audit_events_2026_09"))
     # Then rows on both sides of a month's end share one signature
     assert isinstance(august, RejectedError) and isinstance(september, RejectedError)
