@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 
 #: How long an audit event waits at most for an older entry of its hash chain that another
 #: replica holds (see Flusher._in_chain_order).
-ORDER_WAIT = 10.0
+ORDER_WAIT = 30.0
+#: How soon an entry waiting for an older one of its chain is tried again (kept in hand).
+ORDER_RETRY = 0.02
 #: How soon an entry left for later is claimed back (see Flusher._defer).
 RESUME_AFTER = 0.5
 
@@ -114,6 +116,9 @@ class Flusher:
         #: held by another replica): let go of, left pending on us in Redis, and claimed
         #: back at this time with their delivery count untouched (the worker does it).
         self.resume_due: dict[tuple[str, str], float] = {}
+        #: Entries kept in hand while another replica writes an older entry of their
+        #: chain (a short wait): (stream, id) -> (entry, when to try it again).
+        self.order_wait: dict[tuple[str, str], tuple[Entry, float]] = {}
         #: (stream, id) -> since when it waits for an older entry of its chain elsewhere.
         self._order_since: dict[tuple[str, str], float] = {}
 
@@ -131,6 +136,15 @@ class Flusher:
         self.inflight = None
         self.holding.clear()
         self.resume_due.clear()
+        self.order_wait.clear()
+
+    def take_order_due(self) -> list[Entry]:
+        """The entries whose wait for an older entry of their chain is up for a new look."""
+        now = self.clock()
+        # (not before the batch it left is completed: until then it counts as held there)
+        due = [key for key, (_, at) in self.order_wait.items()
+               if at <= now and key not in self.holding]
+        return [self.order_wait.pop(key)[0] for key in due]
 
     def _defer(self, entry: Entry) -> None:
         """Not now: let go of the entry (its bytes leave memory, it stays pending on us)
@@ -280,7 +294,9 @@ class Flusher:
         make it late, and it would be written unhashed though it is on time. The lowest
         entry of a chain is never held back, so the replicas never wait on each other in a
         cycle; and none waits more than ORDER_WAIT (a frozen replica's entries are taken
-        over by then, or ours go on and that one is written as late)."""
+        over by then, or ours go on and that one is written as late). The wait is short
+        (the other replica is writing): the entries stay in hand and are looked at again
+        every ORDER_RETRY."""
         chained = [i for i, r in enumerate(batch.records) if r.table == AUDIT_EVENTS]
         if not chained or not self.sink.chaining:
             return
@@ -313,7 +329,8 @@ class Flusher:
         for i in sorted(wait, reverse=True):
             entry = batch.record_entries.pop(i)
             batch.records.pop(i)
-            self._defer(entry)
+            self.metrics.deferred.labels(entry.stream).inc()
+            self.order_wait[(entry.stream, entry.id)] = (entry, now + ORDER_RETRY)
         if len(self._order_since) > 100_000:
             self._order_since.clear()
 

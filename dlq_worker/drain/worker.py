@@ -173,7 +173,7 @@ class Worker:
         now = self.clock()
         self.metrics.heartbeat.set_to_current_time()
         self.health.holding(len(self._in_hand) + len(self.flusher.holding)
-                            + len(self.flusher.resume_due))
+                            + len(self.flusher.resume_due) + len(self.flusher.order_wait))
         try:
             if self._paused(now):
                 # Finish what is held (written and acknowledged, or left pending if a
@@ -187,13 +187,15 @@ class Worker:
                 return
             block = self.policy.block_for(len(self._in_hand), self._first_at, now,
                                           float(self.config.worker.block))
-            if self._retry_due or self.flusher.resume_due:  # wake for the next one due
-                block = max(0.001, min(block, min([*self._retry_due.values(),
-                                                   *self.flusher.resume_due.values()]) - now))
+            if self._retry_due or self.flusher.resume_due or self.flusher.order_wait:
+                block = max(0.001, min(block, min([  # wake for the next one due
+                    *self._retry_due.values(), *self.flusher.resume_due.values(),
+                    *(at for _, at in self.flusher.order_wait.values())]) - now))
             if self.flusher.inflight is not None:
                 block = 0.001  # a batch is being written: read the next one, do not wait
             entries = self._with_retry(lambda: self._read(block))
             self._take(entries)
+            self._take(self.flusher.take_order_due())  # their chain's older entry: again
             if self.policy.due(len(self._in_hand), self._first_at, self.clock(),
                                self._bytes_in_hand):
                 self.flush(overlap=bool(self.config.worker.overlap))
@@ -252,7 +254,7 @@ class Worker:
     def held(self) -> set[tuple[str, str]]:
         """Entries read and not yet acknowledged (in hand, or being written): what a stop
         would leave pending. A copy, so the signal handler and the exit timer may read it."""
-        return set(self._in_hand) | set(self.flusher.holding)
+        return set(self._in_hand) | set(self.flusher.holding) | set(self.flusher.order_wait)
 
     def _held_count(self) -> float:
         try:
