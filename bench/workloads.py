@@ -87,6 +87,19 @@ PLAIN_COLUMNS = (
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+def _plain_row(message: bytes) -> list[Any]:
+    """One entry as both plain loops write it: the payload's values in PLAIN_COLUMNS order,
+    event_data and event_metadata decoded from base64 and serialized again."""
+    def jsonb(value: Any) -> Any:
+        return None if value is None else json.dumps(json.loads(base64.b64decode(value)))
+
+    p = json.loads(message)["payload"]
+    row = dict(p, event_version=p.get("version") or "1.0",
+               event_date=p["event_timestamp"][:10], event_data=jsonb(p["event_data"]),
+               event_metadata=jsonb(p.get("event_metadata")))
+    return [row.get(c) for c in PLAIN_COLUMNS]
+
+
 def plain_ceiling(engine: Engine, batch: list[bytes]) -> dict[str, Any]:
     """The honest ceiling: what a plain loop does with the same entries, none of the
     project's code on the path. json + base64 + json.dumps, COPY text straight into the
@@ -98,9 +111,6 @@ def plain_ceiling(engine: Engine, batch: list[bytes]) -> dict[str, Any]:
             return "t" if value else "f"
         return str(value).translate(_COPY_ESCAPES)
 
-    def jsonb(value: Any) -> Any:
-        return None if value is None else json.dumps(json.loads(base64.b64decode(value)))
-
     started = time.perf_counter()
     raw = engine.raw_connection()
     try:
@@ -108,12 +118,7 @@ def plain_ceiling(engine: Engine, batch: list[bytes]) -> dict[str, Any]:
             for start in range(0, len(batch), 500):
                 lines = []
                 for message in batch[start:start + 500]:
-                    p = json.loads(message)["payload"]
-                    row = dict(p, event_version=p.get("version") or "1.0",
-                               event_date=p["event_timestamp"][:10],
-                               event_data=jsonb(p["event_data"]),
-                               event_metadata=jsonb(p.get("event_metadata")))
-                    lines.append("\t".join([text_field(row.get(c)) for c in PLAIN_COLUMNS]))
+                    lines.append("\t".join([text_field(v) for v in _plain_row(message)]))
                 lines.append("")
                 cur.copy_expert(f"COPY audit_events ({', '.join(PLAIN_COLUMNS)}) FROM STDIN",
                                 io.StringIO("\n".join(lines)))
@@ -132,21 +137,13 @@ def strong_ceiling(conninfo: str, batch: list[bytes]) -> dict[str, Any]:
     (psycopg 3 is in the bench extra only: the worker's driver stays psycopg2.)"""
     import psycopg
 
-    def jsonb(value: Any) -> Any:
-        return None if value is None else json.dumps(json.loads(base64.b64decode(value)))
-
     names = ", ".join(PLAIN_COLUMNS)
     started = time.perf_counter()
     with psycopg.connect(conninfo) as conn, conn.cursor() as cur:
         for start in range(0, len(batch), 5000):
             with cur.copy(f"COPY audit_events ({names}) FROM STDIN") as copy:
                 for message in batch[start:start + 5000]:
-                    p = json.loads(message)["payload"]
-                    row = dict(p, event_version=p.get("version") or "1.0",
-                               event_date=p["event_timestamp"][:10],
-                               event_data=jsonb(p["event_data"]),
-                               event_metadata=jsonb(p.get("event_metadata")))
-                    copy.write_row([row.get(c) for c in PLAIN_COLUMNS])
+                    copy.write_row(_plain_row(message))
         conn.commit()
     return _rate(len(batch), started)
 
