@@ -501,11 +501,8 @@ def _linked_but_skipped(indexes: Sequence[int], result: WriteResult) -> bool:
     stored its key first (under another chain, so no lock kept the two apart). Later
     rows of its chain would point at a row that does not exist: link again, and the
     key, committed now, is left out."""
-    skipped = [i for i in indexes
-               if result.chained.get(i) and result.outcomes[i] is Outcome.DUPLICATE]
-    for i in skipped:
-        del result.chained[i]
-    return bool(skipped)
+    return any(result.chained.get(i) and result.outcomes[i] is Outcome.DUPLICATE
+               for i in indexes)
 
 
 def _mark(records: Sequence[Record], indexes: Sequence[int], returned: list[tuple[str, ...]],
