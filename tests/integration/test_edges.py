@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -191,6 +192,21 @@ def _readyz(worker: Any) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+@contextlib.contextmanager
+def _frozen_writer(bed: Bed, correlation_id: str) -> Iterator[None]:
+    """Another writer frozen in the middle of its write: its transaction holds the chain's
+    advisory lock until the block ends."""
+    frozen = bed.engine.connect()
+    tx = frozen.begin()
+    frozen.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id(:c))"),
+                   {"c": correlation_id})
+    try:
+        yield
+    finally:
+        tx.rollback()
+        frozen.close()
+
+
 def _events_in_chain(bed: Bed, n: int, correlation_id: str) -> set[str]:
     records = [samples.audit_event(bed.rng) for _ in range(n)]
     for record in records:
@@ -206,10 +222,7 @@ def test_a_chain_locked_by_a_frozen_writer_stalls_only_its_own_rows(
         bed: Bed, start_worker: Any) -> None:
     # Given another writer frozen in the middle of its write: its transaction holds the
     # advisory lock of chain rr-frozen and will not end until it is thawed
-    frozen = bed.engine.connect()
-    tx = frozen.begin()
-    frozen.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id('rr-frozen'))"))
-    try:
+    with _frozen_writer(bed, "rr-frozen"):
         stuck = _events_in_chain(bed, 30, "rr-frozen")
         others = {r["event_id"] for r in bed.produce_events(2000)}
 
@@ -218,7 +231,7 @@ def test_a_chain_locked_by_a_frozen_writer_stalls_only_its_own_rows(
                               worker={"stalled_after": "2s"})
 
         # Then every other chain's rows are written while the lock is held, the frozen
-        # chain's rows wait in hand (neither rejected nor parked), the worker says so
+        # chain's rows wait (neither rejected nor parked), the worker says so
         wait_until(lambda: set(bed.event_ids()) >= others, 30, "other chains written")
         assert not set(bed.event_ids()) & stuck
         assert worker.metric("dlq_worker_entries_deferred_total", stream=EVENTS) >= 30
@@ -229,11 +242,7 @@ def test_a_chain_locked_by_a_frozen_writer_stalls_only_its_own_rows(
         wait_until(lambda: "drain stalled" in _readyz(worker)[1], 10, "stall reported")
         with urllib.request.urlopen(worker.url + "/healthz", timeout=5) as reply:
             assert reply.status == 200  # alive: the loop turns, it is the locks that hold
-    finally:
-        # When the frozen writer's transaction ends
-        tx.rollback()
-        frozen.close()
-
+    # When the frozen writer's transaction ends (the block above)
     # Then its chain's rows follow, linked, and nothing is left
     wait_until(lambda: bed.drained(EVENTS), 30, "drained")
     assert set(bed.event_ids()) == others | stuck
@@ -484,10 +493,7 @@ def test_a_backlog_led_by_a_frozen_writers_chain_does_not_hold_the_rows_behind_i
         bed: Bed, start_worker: Any) -> None:
     # Given another writer frozen with chain rr-frozen locked, and a backlog that starts
     # with more of that chain's entries than a batch holds
-    frozen = bed.engine.connect()
-    tx = frozen.begin()
-    frozen.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id('rr-frozen'))"))
-    try:
+    with _frozen_writer(bed, "rr-frozen"):
         stuck = _events_in_chain(bed, 400, "rr-frozen")
         others = {r["event_id"] for r in bed.produce_events(600)}
 
@@ -500,9 +506,6 @@ def test_a_backlog_led_by_a_frozen_writers_chain_does_not_hold_the_rows_behind_i
         wait_until(lambda: set(bed.event_ids()) >= others, 30, "other chains written")
         assert not set(bed.event_ids()) & stuck
         assert worker.metric("dlq_worker_entries_in_hand") < 400
-    finally:
-        tx.rollback()
-        frozen.close()
 
     # and once it thaws, the chain's rows follow, linked, with no delivery counted for the
     # waits (nothing parked)
