@@ -121,6 +121,9 @@ class Flusher:
         self.order_wait: dict[tuple[str, str], tuple[Entry, float]] = {}
         #: (stream, id) -> since when it waits for an older entry of its chain elsewhere.
         self._order_since: dict[tuple[str, str], float] = {}
+        #: (stream, id) -> correlation_id of audit events in order_wait or resume_due: an
+        #: older entry of a chain that we hold back holds back the newer ones we read.
+        self._chain_of: dict[tuple[str, str], str] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -137,6 +140,7 @@ class Flusher:
         self.holding.clear()
         self.resume_due.clear()
         self.order_wait.clear()
+        self._chain_of.clear()
 
     def take_order_due(self) -> list[Entry]:
         """The entries whose wait for an older entry of their chain is up for a new look."""
@@ -146,12 +150,13 @@ class Flusher:
                if at <= now and key not in self.holding]
         return [self.order_wait.pop(key)[0] for key in due]
 
-    def _defer(self, entry: Entry) -> None:
+    def _defer(self, entry: Entry, record: Record) -> None:
         """Not now: let go of the entry (its bytes leave memory, it stays pending on us)
         and claim it back in RESUME_AFTER: a backlog led by a frozen writer's chains never
         fills our room while the rows behind them wait."""
         self.metrics.deferred.labels(entry.stream).inc()
         self.resume_due[(entry.stream, entry.id)] = self.clock() + RESUME_AFTER
+        self._chain_of[(entry.stream, entry.id)] = str(record.correlation_id)
 
     def lost(self, stream: str, ids: Sequence[str], how: str) -> None:
         """Entries that were pending and are gone from the stream, never written nor
@@ -179,6 +184,7 @@ class Flusher:
         self.holding |= {(e.stream, e.id) for e in entries}  # ours from now on
         batch = self.prepare(entries)
         self.finish()
+        self._in_chain_order(batch)
         if not batch.records:
             self.complete(batch, None)
             return
@@ -289,50 +295,72 @@ class Flusher:
             "exception": err.details.get("exception"), "trace": err.details.get("trace")})
 
     def _in_chain_order(self, batch: Batch) -> None:
-        """Leave for later the events of a hash chain of which another replica holds an
-        older entry (lower ID, same stream), not written yet: written first, ours would
-        make it late, and it would be written unhashed though it is on time. The lowest
-        entry of a chain is never held back, so the replicas never wait on each other in a
-        cycle; and none waits more than ORDER_WAIT (a frozen replica's entries are taken
-        over by then, or ours go on and that one is written as late). The wait is short
-        (the other replica is writing): the entries stay in hand and are looked at again
-        every ORDER_RETRY."""
+        """Leave for later the events of a hash chain of which an older entry (lower ID,
+        same stream) is held and not written yet, by another replica or by ourselves (left
+        for later, or waiting here): written first, ours would make it late, and it would
+        be written unhashed though it is on time. The lowest entry of a chain is never held
+        back, so the replicas never wait on each other in a cycle; and none waits more than
+        ORDER_WAIT (a frozen replica's entries are taken over by then, or ours go on and
+        that one is written as late). The wait is short (the older entry is being written):
+        the entries stay in hand and are looked at again every ORDER_RETRY. Run after the
+        previous batch completed, so what it left for later counts."""
         chained = [i for i, r in enumerate(batch.records) if r.table == AUDIT_EVENTS]
         if not chained or not self.sink.chaining:
             return
+        self._forget_chains()
+        # stream -> (ID, correlation_id, left for later by us) of the older entries held
+        older: dict[str, list[tuple[tuple[int, int], str, bool]]] = {}
+        for keys, ours in ((self.order_wait, False), (self.resume_due, True)):
+            for key in keys:
+                cid = self._chain_of.get(key)
+                if cid is not None:
+                    older.setdefault(key[0], []).append((_id_key(key[1]), cid, ours))
         top: dict[str, str] = {}
         for i in chained:
             entry = batch.record_entries[i]
             if entry.stream not in top or _id_key(entry.id) > _id_key(top[entry.stream]):
                 top[entry.stream] = entry.id
-        elsewhere: dict[str, list[tuple[tuple[int, int], str]]] = {}
         for stream, below in top.items():
             try:
                 held = self.source.held_elsewhere(stream, below)
             except TransientError:
-                return  # cannot tell: write as before (a late event at worst)
-            elsewhere[stream] = [(_id_key(i), c) for i, c in held if c]
-        if not any(elsewhere.values()):
+                continue  # cannot tell: write as before (a late event at worst)
+            older.setdefault(stream, []).extend((_id_key(i), c, False) for i, c in held if c)
+        if not any(older.values()):
             return
         now = self.clock()
-        wait: set[int] = set()
+        wait: dict[int, bool] = {}  # index -> whether to let go of it (see below)
         for i in chained:
             entry = batch.record_entries[i]
             cid = str(batch.records[i].correlation_id)
             mine = _id_key(entry.id)
-            if any(k < mine and c == cid for k, c in elsewhere.get(entry.stream, ())):
+            before = [ours for k, c, ours in older.get(entry.stream, ()) if k < mine and c == cid]
+            if before:
                 since = self._order_since.setdefault((entry.stream, entry.id), now)
                 if now - since < ORDER_WAIT:
-                    wait.add(i)
+                    wait[i] = any(before)
         if not wait:
             return
         for i in sorted(wait, reverse=True):
             entry = batch.record_entries.pop(i)
-            batch.records.pop(i)
+            record = batch.records.pop(i)
+            if wait[i]:
+                # behind one we left for later (its chain busy): let go of it as well, so
+                # a frozen writer's chain never keeps a backlog of it in hand
+                self._defer(entry, record)
+                continue
             self.metrics.deferred.labels(entry.stream).inc()
             self.order_wait[(entry.stream, entry.id)] = (entry, now + ORDER_RETRY)
+            self._chain_of[(entry.stream, entry.id)] = str(record.correlation_id)
         if len(self._order_since) > 100_000:
             self._order_since.clear()
+
+    def _forget_chains(self) -> None:
+        """Keep _chain_of to the entries still left for later or waiting (bounded)."""
+        live = len(self.order_wait) + len(self.resume_due)
+        if len(self._chain_of) > 2 * live + 1000:
+            self._chain_of = {k: c for k, c in self._chain_of.items()
+                              if k in self.order_wait or k in self.resume_due}
 
     def prepare(self, entries: list[Entry]) -> Batch:
         batch = Batch(entries, self.clock())
@@ -352,7 +380,6 @@ class Flusher:
                 err = internal_error("decode", exc)
                 self._count_internal("decode", err, entry)
                 batch.failed.append((entry, err))
-        self._in_chain_order(batch)
         return batch
 
     def complete(self, batch: Batch, result: WriteResult | None) -> None:
@@ -369,7 +396,7 @@ class Flusher:
                     self.metrics.duplicates.labels(entry.stream).inc()
                     ack.append(entry)
                 elif outcome is Outcome.DEFERRED:
-                    self._defer(entry)
+                    self._defer(entry, batch.records[index])
             if result.partitions_created:
                 self.metrics.partitions_created.inc(len(result.partitions_created))
             self._count_chain(batch, result)

@@ -62,9 +62,9 @@ class Metrics:
         self.deferred = Counter(
             f"{p}_entries_deferred_total",
             "Entries left for a later batch: another writer held their hash chain's lock past "
-            "lock_timeout (a frozen replica), or another replica holds an older entry of "
-            "their chain. Let go of and claimed back soon, never counted against the "
-            "entry.", ["stream"], registry=r)
+            "lock_timeout (a frozen replica), or an older entry of their chain is held and "
+            "not written yet (by another replica or this one). Let go of and claimed back "
+            "soon, never counted against the entry.", ["stream"], registry=r)
         self.claimed = Counter(f"{p}_entries_claimed_total",
                                "Entries claimed from idle consumers (XAUTOCLAIM).",
                                ["stream"], registry=r)

@@ -8,6 +8,7 @@ reason, or a counted and logged loss: never anything else.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import threading
 import time
@@ -250,6 +251,43 @@ def test_a_chain_locked_by_a_frozen_writer_stalls_only_its_own_rows(
         unhashed = conn.execute(text("SELECT count(*) FROM audit_events WHERE "
                                      "correlation_id = 'rr-frozen' AND event_hash IS NULL"))
         assert unhashed.scalar_one() == 0
+
+
+def _chain_events(bed: Bed, correlation_id: str, start: dt.datetime, n: int) -> set[str]:
+    """n events of one chain, a second apart from ``start``, produced in that order."""
+    records = [samples.audit_event(bed.rng, when=start + dt.timedelta(seconds=i))
+               for i in range(n)]
+    pipe = bed.client.pipeline(transaction=False)
+    for record in records:
+        record["correlation_id"] = correlation_id
+        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)})
+    pipe.execute()
+    return {r["event_id"] for r in records}
+
+
+def test_events_left_for_later_are_not_overtaken_by_newer_ones_of_their_chain(
+        bed: Bed, start_worker: Any) -> None:
+    # Given a worker whose first events of chain rr-thaw were left for later: another
+    # writer held the chain's lock past lock_timeout
+    worker = start_worker(database={"lock_timeout": "300ms"})
+    start = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
+    with _frozen_writer(bed, "rr-thaw"):
+        first = _chain_events(bed, "rr-thaw", start, 5)
+        wait_until(lambda: worker.metric("dlq_worker_entries_deferred_total",
+                                         stream=EVENTS) >= 5, 10, "left for later")
+    # When the lock is free again and newer events of that chain arrive at once, before
+    # the first ones are claimed back
+    newer = _chain_events(bed, "rr-thaw", start + dt.timedelta(minutes=1), 5)
+
+    # Then all ten are written hashed, in the chain's order: the newer ones waited for the
+    # older ones we held, none of which was made late by our own replica
+    wait_until(lambda: bed.drained(EVENTS), 30, "drained")
+    assert set(bed.event_ids()) == first | newer
+    with bed.engine.connect() as conn:
+        unhashed = conn.execute(text("SELECT count(*) FROM audit_events WHERE "
+                                     "correlation_id = 'rr-thaw' AND event_hash IS NULL"))
+        assert unhashed.scalar_one() == 0
+    assert worker.metric("dlq_worker_chain_late_events_total", stream=EVENTS) == 0
 
 
 def _park_directly(bed: Bed, n: int) -> set[str]:
