@@ -84,9 +84,29 @@ class PlatformRetryWorker:
         self._thread.start()
         return self
 
+    def read_once(self, count: int = 10) -> int:
+        """One read of its loop, run by the caller instead of its thread (for a test that
+        orders events itself): XREADGROUP > COUNT ``count`` per stream, each entry
+        processed. How many were read."""
+        for stream in self.streams:
+            try:
+                self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        n = 0
+        for stream in self.streams if count else ():
+            reply: Any = self.client.xreadgroup(GROUP, self.name, {stream: ">"}, count=count)
+            for _, rows in reply or []:
+                for entry_id, fields in rows:
+                    self._process(stream, entry_id.decode(), fields)
+                    n += 1
+        return n
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
         self.client.close()
         self.engine.dispose()
 

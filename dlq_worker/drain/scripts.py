@@ -111,7 +111,12 @@ for i = 2, #ARGV do
     end
   end
 end
-return lost
+-- and the stream's last ID now: entries seen present here were present up to it
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then return {lost, info[i + 1]} end
+end
+return {lost, false}
 """
 
 #: XAUTOCLAIM, recording in KEYS[2] the IDs it drops from the PEL (their entries deleted).
@@ -175,12 +180,73 @@ LOST_KEY = "dlq-worker:trimmed-unread"
 #: The group that had read furthest, and its gone-unread figure, at the last count (see
 #: watch/monitor.py): restarts with the group, like the count.
 LEADER_KEY = "dlq-worker:trimmed-unread:leader"
+#: Per stream, a sorted set of the copies the platform's retry worker made of records a
+#: replica of ours holds in memory (it copies an entry it failed to write to the tail, then
+#: deletes the original): "original ID|stream's last ID when seen deleted", scored by the
+#: time before which the copy cannot be (see _EXPECT_COPIES). Such a copy, trimmed before
+#: any group read it, is no lost record: its record is written (or parked) from memory.
+COPIES_PREFIX = "dlq-worker:copies-in-flight:"
+#: Per stream, how many entries gone unread the count did not take as certain losses:
+#: taken for such copies, or gone while another group read past the leader between two
+#: counts (then a deletion cannot be told from trimming). Reported as uncertain.
+UNCERTAIN_KEY = "dlq-worker:trimmed-unread:uncertain"
+
+#: Lua: whether stream ID a comes before b (the loss scripts compare positions).
+BEFORE = """
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then return false end
+  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
+  return tonumber(as) < tonumber(bs)
+end
+"""
+
+
+#: Records the copies in flight of entries we hold in memory that Redis says are deleted
+#: (KEYS[1] the stream, KEYS[2] its COPIES_PREFIX set; ARGV[1] our group, ARGV[2] the
+#: stream's last ID when they were last seen present, ARGV[3..] their IDs). Only while
+#: another group reads the stream, and only IDs at or below max-deleted-entry-id: one above
+#: it was trimmed (XDEL sets it, trimming does not), and trimming makes no copy. Each is
+#: scored by its lower bound, the later of its own ID and ARGV[2] (its copy came after
+#: both), and carries the stream's last ID now (its copy is no later). The number recorded.
+_EXPECT_COPIES = BEFORE + """
+local function get(t, name)
+  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
+  return false
+end
+local other = false
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if get(g, 'name') ~= ARGV[1] then other = true end
+end
+if not other then return 0 end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local deleted, top = get(info, 'max-deleted-entry-id'), get(info, 'last-generated-id')
+if not deleted or not top then return 0 end
+local n = 0
+for i = 3, #ARGV do
+  if not before(deleted, ARGV[i]) then
+    local floor = ARGV[2]
+    if floor == '' or before(floor, ARGV[i]) then floor = ARGV[i] end
+    redis.call('ZADD', KEYS[2], tonumber(string.match(floor, '^(%d+)')),
+               ARGV[i] .. '|' .. top)
+    n = n + 1
+  end
+end
+if redis.call('ZCARD', KEYS[2]) > 100000 then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -100001)
+end
+redis.call('PEXPIRE', KEYS[2], 604800000)
+return n
+"""
 
 #: Creates the group at 0 and forgets the trimmed-unread count of the group before it.
 _CREATE_GROUP = """
 redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
 redis.call('HDEL', KEYS[2], KEYS[1])
 redis.call('HDEL', KEYS[3], KEYS[1])
+redis.call('HDEL', KEYS[4], KEYS[1])
+redis.call('DEL', KEYS[5])
 return 1
 """
 
@@ -191,6 +257,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 redis.call('HDEL', KEYS[2], KEYS[1])
 redis.call('HDEL', KEYS[3], KEYS[1])
+redis.call('HDEL', KEYS[4], KEYS[1])
+redis.call('DEL', KEYS[5])
 return 1
 """
 

@@ -38,13 +38,16 @@ from dlq_worker.drain.scripts import (
     _CREATE_GROUP,
     _CREATE_ROUTED,
     _DELETE_IDLE_CONSUMER,
+    _EXPECT_COPIES,
     _FORGET,
     _PARK,
     _READ_BOUNDED,
     _TOUCH,
+    COPIES_PREFIX,
     LEADER_KEY,
     LOST_KEY,
     PARK_MARK_SECONDS,
+    UNCERTAIN_KEY,
     _correlation,
     deleted_key,
     park_mark,
@@ -52,6 +55,11 @@ from dlq_worker.drain.scripts import (
 from dlq_worker.errors import RedisUnavailable, StreamGone
 
 log = logging.getLogger(__name__)
+
+
+def _count_keys(stream: str) -> list[str]:
+    """The stream first, then the keys of its loss count, which restarts with its group."""
+    return [stream, LOST_KEY, LEADER_KEY, UNCERTAIN_KEY, COPIES_PREFIX + stream]
 
 
 class Source:
@@ -72,6 +80,10 @@ class Source:
         self._claim_own = self.client.register_script(_CLAIM_OWN)
         self._claim_from = self.client.register_script(_CLAIM_FROM)
         self._touch = self.client.register_script(_TOUCH)
+        self._expect_copies = self.client.register_script(_EXPECT_COPIES)
+        #: Per stream, its last ID at our last touch, and at the touch before it.
+        self._touched_top: dict[str, str] = {}
+        self._present_up_to: dict[str, str] = {}
         self._autoclaim = self.client.register_script(_AUTOCLAIM)
         self._forget = self.client.register_script(_FORGET)
         self._adopt = self.client.register_script(_ADOPT)
@@ -127,7 +139,7 @@ class Source:
         for name in sorted(self.streams_config.routes):
             stream = self.streams_config.prefix + name
             with translated(f"XGROUP CREATE {stream} MKSTREAM", stream):
-                if self._create_routed(keys=[stream, LOST_KEY, LEADER_KEY], args=[self.group]):
+                if self._create_routed(keys=_count_keys(stream), args=[self.group]):
                     created.append(stream)
         if created:
             log.info("created the routed streams that did not exist, with their group",
@@ -141,7 +153,7 @@ class Source:
         The stream's trimmed-unread count restarts with the group, in the same atomic step:
         a deleted and recreated stream must not hide its new losses behind its old count."""
         try:
-            self._create_group(keys=[stream, LOST_KEY, LEADER_KEY], args=[self.group])
+            self._create_group(keys=_count_keys(stream), args=[self.group])
         except redis.ResponseError as exc:
             if "BUSYGROUP" in str(exc):
                 return False
@@ -353,11 +365,28 @@ class Source:
             return
         with translated(f"XCLAIM JUSTID {stream}", stream):
             self.report_deleted(stream, on_lost)
-            lost: Any = self._touch(keys=[stream, deleted_key(self.group, self.consumer,
+            lost, top = self._touch(keys=[stream, deleted_key(self.group, self.consumer,
                                                               stream)],
                                     args=[self.group, *ids])
+            # what was present at the last touch was present up to its last ID
+            self._present_up_to[stream] = self._touched_top.get(stream, "")
+            if top:
+                self._touched_top[stream] = _text(top)
             if lost:
                 self.report_deleted(stream, on_lost)
+
+    def expect_copies(self, stream: str, ids: Sequence[str]) -> int:
+        """Entries we hold in memory that Redis says are deleted while another group reads
+        the stream: the platform's retry worker copies an entry it failed to write to the
+        tail, then deletes it. Recorded (see _EXPECT_COPIES) so that such a copy, trimmed
+        before any group reads it, is not counted as a lost record: ours is written from
+        memory. The number recorded."""
+        if not ids:
+            return 0
+        with translated(f"copies in flight {stream}", stream):
+            return int(self._expect_copies(
+                keys=[stream, COPIES_PREFIX + stream],
+                args=[self.group, self._present_up_to.get(stream, ""), *ids]))
 
     def held_elsewhere(self, stream: str, below: str, limit: int = 5000,
                        ) -> list[tuple[str, str]]:

@@ -544,6 +544,11 @@ class Worker:
                 log.warning("entries in hand were deleted from the stream; written from "
                             "memory", extra={"event": "trimmed_in_hand", "stream": stream,
                                              "ids": kept[:50]})
+                try:  # the platform's copies of them: not lost records if trimmed unread
+                    self.source.expect_copies(stream, kept)
+                except Exception as exc:  # at worst such a copy is counted as lost
+                    log.debug("copies in flight not recorded", extra={
+                        "stream": stream, "error": str(exc)[:200]})
         return gone
 
     def _past_deadline(self, state: tenacity.RetryCallState) -> bool:

@@ -15,18 +15,7 @@ import redis
 
 from dlq_worker.config import Config
 from dlq_worker.drain.redis_io import translated
-
-#: Lua: whether stream ID a comes before b (both scripts compare positions).
-_BEFORE = """
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  if not am or not bm then return false end
-  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
-  return tonumber(as) < tonumber(bs)
-end
-"""
-
+from dlq_worker.drain.scripts import BEFORE as _BEFORE
 
 #: One stream's figures in one atomic step: depth, first ID, parked depth, and for the
 #: group: pending, lag, consumers, and for it and every other group on the stream (the
@@ -135,7 +124,11 @@ LOCK_PREFIX = "dlq-worker:trim-check:"
 #: baseline (-2): what happened in between is reported apart, as uncertain. A new Redis
 #: server (ARGV[4], its run_id: a failover, a restart) is a new baseline too (-1). KEYS: the
 #: count, the run_id and the leader's last figure ("name|figure|position"), hashes by stream.
-RAISE_LOST = _BEFORE + """
+#: With KEYS[4] (the stream's copies in flight), KEYS[5] (the uncertain totals) and
+#: ARGV[11] (the stream's first ID), the rise left once the platform's copies of records we
+#: hold are taken out, and {rise, taken now, uncertain in all} is returned; a rise of the
+#: same leader while another group read past it is added to the uncertain total.
+RAISE_LOST = _BEFORE + "local function count()" + """
 local rec = redis.call('HGET', KEYS[3], ARGV[1])
 local rl, rg, rpos, rread, radded, rflag
 if rec then
@@ -170,13 +163,48 @@ end
 if rl == ARGV[2] and tonumber(radded) and added and added < tonumber(radded) then
   return 0  -- a snapshot older than the last count (another replica's): nothing new
 end
-if rl ~= ARGV[2] or before(rpos, ARGV[7]) then keep(new, '') return -2 end
+if rl ~= ARGV[2] or before(rpos, ARGV[7]) then
+  -- the same leader's rise while another group read past it: uncertain, never silent
+  if #KEYS >= 5 and rl == ARGV[2] and new > tonumber(rg) then
+    redis.call('HINCRBY', KEYS[5], ARGV[1], new - tonumber(rg))
+  end
+  keep(new, '')
+  return -2
+end
 if rflag == 'r' and not recovered then keep(new, '') return -2 end  -- counter estimated again
 local old = tonumber(rg)
 if new <= old then keep(old, rflag) return 0 end
 keep(new, recovered and 'r' or '')
 redis.call('HINCRBY', KEYS[1], ARGV[1], new - old)
 return new - old
+end
+local rise = count()
+if #KEYS < 5 then return rise end
+-- The platform's copies of records we hold in memory (KEYS[4], see _EXPECT_COPIES): a copy
+-- can be among the entries trimmed unread once the stream's head (ARGV[11], '' when the
+-- stream is empty) has passed the earliest it can be. That many of the rise are taken for
+-- such copies (never more than there are), moved from the certain count to KEYS[5]:
+-- reported as uncertain. A copy no later than the head that was not taken is settled
+-- (read by the leader, or gone before it was recorded): forgotten.
+local limit = '+inf'
+if ARGV[11] ~= '' then limit = '(' .. string.match(ARGV[11], '^(%d+)') end
+local taken = 0
+if rise > 0 then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', limit, 'LIMIT', 0, rise)) do
+    redis.call('ZREM', KEYS[4], m)
+    taken = taken + 1
+  end
+  if taken > 0 then
+    redis.call('HINCRBY', KEYS[1], ARGV[1], -taken)
+    rise = rise - taken
+  end
+end
+if taken > 0 then redis.call('HINCRBY', KEYS[5], ARGV[1], taken) end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', limit, 'LIMIT', 0, 1000)) do
+  local last = string.match(m, '|(.+)$')
+  if ARGV[11] == '' or (last and before(last, ARGV[11])) then redis.call('ZREM', KEYS[4], m) end
+end
+return {rise, taken, tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')}
 """
 
 
@@ -217,6 +245,8 @@ class StreamStats:
     #: platform's retry worker after its copy (no loss), written by it, or trimmed while it
     #: held them unwritten (a loss). Redis cannot tell which: an upper bound, reported apart.
     uncertain_unread: int | None = None
+    #: The stream's first entry ID ("" when it is empty).
+    first_id: str = ""
 
 
 def stream_stats(client: redis.Redis, config: Config, stream: str, *,
@@ -239,7 +269,8 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
     stats = StreamStats(stream=stream, depth=depth, pending=None, lag=None,
                         oldest_age_seconds=_age_of(first_id), consumers=0,
                         group_exists=has_group, dead_letter_depth=dead_depth,
-                        dead_letter_oldest_age_seconds=_age_of(reply[4]))
+                        dead_letter_oldest_age_seconds=_age_of(reply[4]),
+                        first_id=_text(first_id) if first_id else "")
     if has_group:
         pending, lag, consumers, gone = reply[5], reply[6], reply[7], reply[8]
         stats.pending = int(pending)

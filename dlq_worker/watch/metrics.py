@@ -83,12 +83,19 @@ class Metrics:
             "Entries deleted from a DLQ stream (producer MAXLEN trimming) before the group "
             "read them: audit records lost outside the worker.",
             ["stream"], registry=r)
+        self.trimmed_copies = Counter(
+            f"{p}_entries_trimmed_unread_copies_total",
+            "Entries trimmed from a DLQ stream before any group read them that may be the "
+            "platform retry worker's copies of records this group held in memory (written or "
+            "parked from memory): not counted as lost; in the uncertain figure.",
+            ["stream"], registry=r)
         self.uncertain_unread = Gauge(
             f"{p}_entries_gone_unread_uncertain",
             "Entries deleted from a DLQ stream before this group read them but after another "
             "group (the platform's own retry worker) did: deleted after its copy (no loss), "
             "written by it, or trimmed while it held them (a loss). Redis cannot tell which: "
-            "an upper bound, never counted as a certain loss.", ["stream"], registry=r)
+            "an upper bound, never counted as a certain loss; with the entries of "
+            "entries_trimmed_unread_copies_total.", ["stream"], registry=r)
         self.internal_errors = Counter(
             f"{p}_internal_errors_total",
             "Unexpected failures contained to their entry or batch, by stage (decode, write, "
@@ -214,6 +221,7 @@ class Metrics:
         self.trimmed_unread.labels(stream)
         self.pending_deleted_uncertain.labels(stream)
         self.uncertain_unread.labels(stream)
+        self.trimmed_copies.labels(stream)
         self.consumers_removed.labels(stream)
         for reason in sorted(REASONS):
             self.parked.labels(stream, reason)

@@ -19,7 +19,7 @@ import redis
 
 from dlq_worker.config import Config
 from dlq_worker.drain.redis_io import make_client, translated
-from dlq_worker.drain.scripts import LEADER_KEY, LOST_KEY
+from dlq_worker.drain.scripts import COPIES_PREFIX, LEADER_KEY, LOST_KEY, UNCERTAIN_KEY
 from dlq_worker.drain.sink import Sink
 from dlq_worker.watch import elsewhere
 from dlq_worker.watch.elsewhere import OtherDatabases
@@ -235,12 +235,22 @@ class Monitor:
         if s.leader_lost_unread is not None or s.leader_after is not None:
             ours = s.leader == self.config.streams.group
             with translated(f"HSET {LOST_KEY}"):
-                new = int(self._raise_lost(
-                    keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
+                new, copies, uncertain = (int(v) for v in self._raise_lost(
+                    keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY, COPIES_PREFIX + s.stream,
+                          UNCERTAIN_KEY],
                     args=[s.stream, s.leader, script_arg(s.leader_lost_unread), self._run_id,
                           "1" if ours else "0", s.leader_position, s.others_position,
                           script_arg(s.leader_read), script_arg(s.entries_added),
-                          script_arg(s.leader_after)]))
+                          script_arg(s.leader_after), s.first_id]))
+            if s.uncertain_unread is not None:
+                m.uncertain_unread.labels(s.stream).set(s.uncertain_unread + uncertain)
+            if copies:
+                m.trimmed_copies.labels(s.stream).inc(copies)
+                log.warning("entries trimmed before any group read them may be the platform "
+                            "retry worker's copies of records held in memory here (written "
+                            "or parked from memory): reported as uncertain, not as lost",
+                            extra={"event": "trimmed_unread_copies", "stream": s.stream,
+                                   "entries": copies, "counted_by": s.leader})
             if new == -2:
                 log.info("another group has read furthest (or has stopped doing so): the "
                          "trimmed-unread count goes on from its figure",

@@ -263,3 +263,26 @@ def test_a_new_redis_server_restarts_the_trim_count_without_hiding_later_losses(
     assert count("B", 90, "5-0", 690) == 0
     assert count("B", 60, "5-0", 660) == 0
     assert count("B", 95, "5-0", 695) == 5
+
+
+def test_a_rise_while_another_group_read_past_the_leader_is_reported_as_uncertain(
+        bed: Bed) -> None:
+    # Given our group leading, its count taken at 9-0 with nothing gone
+    from dlq_worker.drain.scripts import COPIES_PREFIX, LEADER_KEY, LOST_KEY, UNCERTAIN_KEY
+    from dlq_worker.watch.loss import RAISE_LOST, RUN_ID_KEY
+    raise_lost = bed.client.register_script(RAISE_LOST)
+
+    def count(lost_unread: int, position: str, others: str, added: int) -> list[int]:
+        return [int(v) for v in raise_lost(
+            keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY, COPIES_PREFIX + EVENTS, UNCERTAIN_KEY],
+            args=[EVENTS, "dlq-worker", lost_unread, "A", "1", position, others, 500, added,
+                  0, "20-0"])]
+
+    assert count(0, "9-0", "0-0", 600) == [0, 0, 0]
+    # When 30 more are gone by the next count, while the platform's group read past 9-0
+    # (it may have deleted some of them after copying them: Redis cannot tell which)
+    # Then none is a certain loss, and all 30 are in the uncertain total, never silent
+    assert count(30, "14-0", "12-0", 630) == [-2, 0, 30]
+    assert int(bed.client.hget(LOST_KEY, EVENTS) or 0) == 0
+    # and later rises, with no group past the leader, are certain again
+    assert count(45, "15-0", "12-0", 645) == [15, 0, 30]

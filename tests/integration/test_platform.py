@@ -256,6 +256,54 @@ def test_next_to_the_platforms_retry_worker_trimming_during_an_outage_is_counted
     assert len(produced) - rows - certain <= uncertain_max
 
 
+def test_copies_of_records_held_in_memory_trimmed_unread_are_not_counted_lost(
+        owned: OwnedBed, start_worker: Any, caplog: Any) -> None:
+    # Given a worker holding 20 records in memory while PostgreSQL is down (and reading
+    # nothing more meanwhile: one batch of 20, no overlap)
+    caplog.set_level(logging.INFO)
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{owned.pg_port}/{owned.dbname}"
+    platform = PlatformRetryWorker(owned.redis_port, url, scale=1e6)
+    platform.read_once(0)  # its group exists from the start, as it always does
+    worker = start_worker(owned.config(
+        streams={"max_length": 50},
+        worker={"stats_interval": "300ms", "batch_size": 20, "overlap": False}))
+    owned.pg_server.stop()
+    held = {r["event_id"] for r in owned.produce_events(20)}
+    wait_until(lambda: owned.pending(EVENTS) == 20, 10, "20 held")
+
+    # When the platform's retry worker fails on the same 20 (copies at the tail, originals
+    # deleted), the worker sees its originals deleted, and then producers trim past the
+    # copies before any group reads them, with 150 more records lost to the cap
+    assert platform.read_once(20) == 20 and platform.copied == 20
+    wait_until(lambda: any(getattr(r, "event", "") == "trimmed_in_hand"
+                           for r in caplog.records), 10, "originals seen deleted")
+    time.sleep(1)  # a count or two with the platform's group where ours is
+    fillers = set()
+    pipe = owned.client.pipeline(transaction=False)
+    for _ in range(200):
+        record = samples.audit_event(owned.rng)
+        fillers.add(record["event_id"])
+        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)},
+                  maxlen=50, approximate=False)
+    pipe.execute()
+    owned.pg_server.start()
+    wait_until(lambda: set(owned.event_ids()) >= held, 60, "held records written")
+    wait_until(lambda: owned.pending(EVENTS) == 0 and owned.depth(EVENTS) == 0, 60, "drained")
+    time.sleep(1)  # a count or two more
+    platform.stop()
+
+    # Then the 20 held records and the 50 left are rows, the 150 trimmed are counted lost,
+    # exactly: the 20 copies trimmed unread are reported as uncertain, never as lost
+    rows = set(owned.event_ids())
+    certain = worker.metric("dlq_worker_entries_trimmed_unread_total", stream=EVENTS)
+    copies = worker.metric("dlq_worker_entries_trimmed_unread_copies_total", stream=EVENTS)
+    print(f"\n[copies in flight] rows {len(rows)}, certain {certain:.0f}, copies {copies:.0f}")
+    assert rows == held | (fillers & rows) and len(rows) == 70
+    assert certain == 150 and copies == 20
+    assert worker.metric("dlq_worker_entries_gone_unread_uncertain", stream=EVENTS) >= 20
+    assert len(rows) + certain == 20 + 200
+
+
 def test_the_platforms_dead_letters_are_listed_shown_and_replayed_like_ours(
         bed: Bed) -> None:
     # Given a dead letter the platform's retry worker parked (its format: no reason, no
