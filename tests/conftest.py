@@ -111,12 +111,14 @@ class Bed:
 
     # -- producing, in the producers' exact wire format --
 
-    def produce_events(self, n: int, **kwargs: Any) -> list[dict[str, Any]]:
+    def produce_events(self, n: int, *, maxlen: int = 100000, exact: bool = False,
+                       **kwargs: Any) -> list[dict[str, Any]]:
+        """n events, capped as producers cap (``exact``: MAXLEN = rather than ~)."""
         records = [samples.audit_event(self.rng, **kwargs) for _ in range(n)]
         pipe = self.client.pipeline(transaction=False)
         for record in records:
             pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)},
-                      maxlen=100000, approximate=True)
+                      maxlen=maxlen, approximate=not exact)
         pipe.execute()
         return records
 

@@ -74,13 +74,17 @@ class PlatformRetryWorker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"platform-{name}", daemon=True)
 
-    def start(self) -> PlatformRetryWorker:
+    def create_groups(self) -> None:
+        """Its group on each stream, at 0 with MKSTREAM, as it creates it on start."""
         for stream in self.streams:
             try:
                 self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    def start(self) -> PlatformRetryWorker:
+        self.create_groups()
         self._thread.start()
         return self
 
@@ -88,14 +92,9 @@ class PlatformRetryWorker:
         """One read of its loop, run by the caller instead of its thread (for a test that
         orders events itself): XREADGROUP > COUNT ``count`` per stream, each entry
         processed. How many were read."""
-        for stream in self.streams:
-            try:
-                self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        self.create_groups()
         n = 0
-        for stream in self.streams if count else ():
+        for stream in self.streams:
             reply: Any = self.client.xreadgroup(GROUP, self.name, {stream: ">"}, count=count)
             for _, rows in reply or []:
                 for entry_id, fields in rows:

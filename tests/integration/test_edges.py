@@ -208,8 +208,12 @@ def _frozen_writer(bed: Bed, correlation_id: str) -> Iterator[None]:
         frozen.close()
 
 
-def _events_in_chain(bed: Bed, n: int, correlation_id: str) -> set[str]:
-    records = [samples.audit_event(bed.rng) for _ in range(n)]
+def _events_in_chain(bed: Bed, n: int, correlation_id: str,
+                     start: dt.datetime | None = None) -> set[str]:
+    """n events of one chain, produced in that order (a second apart from ``start``)."""
+    records = [samples.audit_event(
+        bed.rng, when=None if start is None else start + dt.timedelta(seconds=i))
+        for i in range(n)]
     for record in records:
         record["correlation_id"] = correlation_id
     pipe = bed.client.pipeline(transaction=False)
@@ -253,18 +257,6 @@ def test_a_chain_locked_by_a_frozen_writer_stalls_only_its_own_rows(
         assert unhashed.scalar_one() == 0
 
 
-def _chain_events(bed: Bed, correlation_id: str, start: dt.datetime, n: int) -> set[str]:
-    """n events of one chain, a second apart from ``start``, produced in that order."""
-    records = [samples.audit_event(bed.rng, when=start + dt.timedelta(seconds=i))
-               for i in range(n)]
-    pipe = bed.client.pipeline(transaction=False)
-    for record in records:
-        record["correlation_id"] = correlation_id
-        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)})
-    pipe.execute()
-    return {r["event_id"] for r in records}
-
-
 def test_events_left_for_later_are_not_overtaken_by_newer_ones_of_their_chain(
         bed: Bed, start_worker: Any) -> None:
     # Given a worker whose first events of chain rr-thaw were left for later: another
@@ -272,12 +264,12 @@ def test_events_left_for_later_are_not_overtaken_by_newer_ones_of_their_chain(
     worker = start_worker(database={"lock_timeout": "300ms"})
     start = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
     with _frozen_writer(bed, "rr-thaw"):
-        first = _chain_events(bed, "rr-thaw", start, 5)
+        first = _events_in_chain(bed, 5, "rr-thaw", start)
         wait_until(lambda: worker.metric("dlq_worker_entries_deferred_total",
                                          stream=EVENTS) >= 5, 10, "left for later")
     # When the lock is free again and newer events of that chain arrive at once, before
     # the first ones are claimed back
-    newer = _chain_events(bed, "rr-thaw", start + dt.timedelta(minutes=1), 5)
+    newer = _events_in_chain(bed, 5, "rr-thaw", start + dt.timedelta(minutes=1))
 
     # Then all ten are written hashed, in the chain's order: the newer ones waited for the
     # older ones we held, none of which was made late by our own replica
@@ -397,14 +389,7 @@ def test_trimming_while_no_worker_runs_counts_across_a_redis_restart(
 
     # When producers write 6,000 entries with an exact MAXLEN of 1,000 (5,000 trimmed unread)
     # and Redis restarts from its AOF before any worker runs again
-    pipe = owned.client.pipeline(transaction=False)
-    kept: list[str] = []
-    for _ in range(6000):
-        record = samples.audit_event(owned.rng)
-        kept.append(record["event_id"])
-        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)},
-                  maxlen=1000, approximate=False)
-    pipe.execute()
+    kept = [r["event_id"] for r in owned.produce_events(6000, maxlen=1000, exact=True)]
     owned.redis_server.stop()
     owned.redis_server.start()
 

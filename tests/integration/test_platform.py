@@ -263,7 +263,7 @@ def test_copies_of_records_held_in_memory_trimmed_unread_are_not_counted_lost(
     caplog.set_level(logging.INFO)
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{owned.pg_port}/{owned.dbname}"
     platform = PlatformRetryWorker(owned.redis_port, url, scale=1e6)
-    platform.read_once(0)  # its group exists from the start, as it always does
+    platform.create_groups()  # its group exists from the start, as it always does
     worker = start_worker(owned.config(
         streams={"max_length": 50},
         worker={"stats_interval": "300ms", "batch_size": 20, "overlap": False}))
@@ -278,14 +278,7 @@ def test_copies_of_records_held_in_memory_trimmed_unread_are_not_counted_lost(
     wait_until(lambda: any(getattr(r, "event", "") == "trimmed_in_hand"
                            for r in caplog.records), 10, "originals seen deleted")
     time.sleep(1)  # a count or two with the platform's group where ours is
-    fillers = set()
-    pipe = owned.client.pipeline(transaction=False)
-    for _ in range(200):
-        record = samples.audit_event(owned.rng)
-        fillers.add(record["event_id"])
-        pipe.xadd(EVENTS, {"message": producer.build_message(producer.AUDIT_EVENT, record)},
-                  maxlen=50, approximate=False)
-    pipe.execute()
+    fillers = {r["event_id"] for r in owned.produce_events(200, maxlen=50, exact=True)}
     owned.pg_server.start()
     wait_until(lambda: set(owned.event_ids()) >= held, 60, "held records written")
     wait_until(lambda: owned.pending(EVENTS) == 0 and owned.depth(EVENTS) == 0, 60, "drained")
