@@ -147,10 +147,11 @@ def test_redis_killed_with_appendfsync_everysec(owned_everysec: OwnedBed,
 
 def test_entries_trimmed_unread_are_detected_and_counted(owned: OwnedBed,
                                                          start_worker: Any) -> None:
-    # Given a worker stuck holding its first 10 entries because PostgreSQL is down
+    # Given a worker stuck holding its first 10 entries because PostgreSQL is down (and no
+    # more: without overlap it reads no second batch while the first waits)
     first = produce(owned, 10)
     owned.pg_server.stop()
-    worker = start_worker(owned.config(worker={"batch_size": 10}))
+    worker = start_worker(owned.config(worker={"batch_size": 10, "overlap": False}))
     wait_until(lambda: owned.pending(EVENTS) == 10, 30, "batch in hand")
 
     # When producers keep writing with an exact MAXLEN 100, trimming 190 unread entries
