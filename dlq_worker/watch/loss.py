@@ -55,10 +55,14 @@ local function may_walk()
   return walk
 end
 -- {gone, entries-read, entries present after the group's position}, each false if unknown.
--- Without a read counter (a restart from the AOF, a promoted replica) Redis's lag is an
--- estimate that counts every entry before the stream's head as read, trimmed or not: then
--- the count goes on from the counter it last recorded, where the group has not moved since
--- (see RAISE_LOST).
+-- From the group's read counter whenever Redis has one: its lag is that counter's only
+-- while no deletion lies at or after the group's position, and an estimate otherwise that
+-- counts every deleted entry as read (0 once the entry the group read last is deleted and
+-- one before it is not), so a figure from the lag one poll and the counter the next would
+-- rise by entries another group had read (and deleted) first: a false loss. Without a read
+-- counter (a restart from the AOF, a promoted replica) the lag's estimate is all there is:
+-- then the count goes on from the counter it last recorded, where the group has not moved
+-- since (see RAISE_LOST).
 local function gone(g)
   local last, lag, read = get(g, 'last-delivered-id'), get(g, 'lag'), get(g, 'entries-read')
   local after = false
@@ -74,7 +78,7 @@ local function gone(g)
     end
   end
   local unread = lag
-  if not unread and read and added then unread = added - read end
+  if read and added then unread = added - read end
   if not after or not unread then return {false, read, after} end
   return {math.max(0, unread - after), read, after}
 end

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,69 @@ def test_a_rise_while_another_group_read_past_the_leader_is_reported_as_uncertai
     assert int(bed.client.hget(LOST_KEY, EVENTS) or 0) == 0
     # and later rises, with no group past the leader, are certain again
     assert count(45, "15-0", "12-0", 645) == [15, 0, 30]
+
+
+def test_records_the_platform_copied_before_we_read_them_are_never_counted_lost(
+        bed: Bed, caplog: Any) -> None:
+    # Given the platform's retry worker (its PostgreSQL unreachable) and our group on one
+    # stream, and the worker's own count of it (its monitor, polled by hand)
+    from dlq_worker.drain.sink import Sink
+    from dlq_worker.watch.health import Health
+    from dlq_worker.watch.metrics import Metrics
+    from dlq_worker.watch.monitor import Monitor
+    from tests.platform_double import PlatformRetryWorker
+
+    cfg = bed.config(worker={"stats_interval": "1ms"})
+    platform = PlatformRetryWorker(
+        bed.redis_port, f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x", scale=1e6)
+    platform.create_groups()
+    bed.client.xgroup_create(EVENTS, GROUP, id="0")
+    metrics = Metrics()
+    monitor = Monitor(cfg, metrics, Health(liveness_timeout=60.0, unready_after=1.0),
+                      Sink(cfg.database), lambda: [EVENTS])
+
+    def poll() -> None:
+        time.sleep(0.01)  # past the 1 ms trim-check lock of the previous poll
+        monitor.poll()
+
+    def read() -> list[str]:
+        reply: Any = bed.client.xreadgroup(GROUP, "dlq-1", {EVENTS: ">"}, count=100)
+        return [i.decode() for i, _ in reply[0][1]] if reply else []
+
+    def written(*ids: str) -> None:
+        """What our worker does once they are rows: XACK and XDEL them."""
+        bed.client.xack(EVENTS, GROUP, *ids)
+        bed.client.xdel(EVENTS, *ids)
+
+    try:
+        # When our group has drained a first record, the platform reads the next two first
+        # and fails on them (copies at the tail, originals deleted), our group reads the
+        # copies (it now leads) and the second is written and deleted first (the entry it read
+        # last is deleted, one before it is still there), and then it reads one more
+        bed.produce_events(1)
+        written(*read())
+        bed.produce_events(2)
+        assert platform.read_once() == 2 and platform.copied == 2
+        poll()
+        first, second = read()
+        written(second)
+        poll()
+        written(first)
+        bed.produce_events(1)
+        assert len(read()) == 1
+        poll()
+
+        # Then nothing is counted lost: the two originals were read by the platform's
+        # group, and their copies by ours
+        lost = metrics.trimmed_unread.labels(EVENTS)._value.get()
+        alarms = [r.getMessage() for r in caplog.records if "AUDIT LOSS" in r.getMessage()]
+        assert lost == 0 and not alarms
+
+        # and two records then trimmed before any group read them are counted, exactly
+        bed.produce_events(3, maxlen=1, exact=True)
+        poll()
+        assert metrics.trimmed_unread.labels(EVENTS)._value.get() == 2
+        assert int(bed.client.hget("dlq-worker:trimmed-unread", EVENTS) or 0) == 2
+    finally:
+        monitor.client.close()
+        platform.stop()
