@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import sys
 import time
@@ -409,8 +410,16 @@ class Flusher:
         ids: dict[str, list[str]] = {}
         for entry in ack:
             ids.setdefault(entry.stream, []).append(entry.id)
+        tries = itertools.count()
         try:
-            self.retry(lambda: self.source.ack_and_delete(ids))
+            copies = self.retry(lambda: self.source.ack_and_delete(
+                ids, first_try=next(tries) == 0))
+            if copies:
+                log.info("entries written were deleted from the stream before their "
+                         "acknowledgement, while another group reads it (the platform's retry "
+                         "worker copies an entry it failed to write, then deletes it): their "
+                         "copies are recorded in flight", extra={
+                             "event": "deleted_before_ack", "entries": copies})
         except RedisCommandError as exc:
             # Committed but not acknowledged: still pending, so claimed again later and
             # acknowledged then as duplicates. Nothing is lost; the loop goes on.

@@ -203,42 +203,78 @@ end
 """
 
 
-#: Records the copies in flight of entries we hold in memory that Redis says are deleted
-#: (KEYS[1] the stream, KEYS[2] its COPIES_PREFIX set; ARGV[1] our group, ARGV[2] the
-#: stream's last ID when they were last seen present, ARGV[3..] their IDs). Only while
-#: another group reads the stream, and only IDs at or below max-deleted-entry-id: one above
-#: it was trimmed (XDEL sets it, trimming does not), and trimming makes no copy. Each is
-#: scored by its lower bound, the later of its own ID and ARGV[2] (its copy came after
-#: both), and carries the stream's last ID now (its copy is no later). The number recorded.
-_EXPECT_COPIES = BEFORE + """
+#: Lua: record(ids, i, floor) records as copies in flight (KEYS[2], the stream's
+#: COPIES_PREFIX set) the IDs ids[i..] of entries of ours Redis says are deleted from the
+#: stream (KEYS[1]) while another group (not ARGV[1], our group) reads it: the platform's
+#: retry worker copies an entry it failed to write to the tail, then deletes the original.
+#: Only IDs at or below max-deleted-entry-id: one above it was trimmed (XDEL sets it,
+#: trimming does not), and trimming makes no copy. Each is scored by its lower bound, the
+#: later of its own ID and ``floor`` (the stream's last ID when it was last seen present,
+#: '' unknown: its copy came after both), and carries the stream's last ID now (its copy is
+#: no later). The number recorded.
+_RECORD_COPIES = BEFORE + """
 local function get(t, name)
   for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
   return false
 end
-local other = false
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if get(g, 'name') ~= ARGV[1] then other = true end
+local function record(ids, from, floor)
+  local other = false
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    if get(g, 'name') ~= ARGV[1] then other = true end
+  end
+  if not other then return 0 end
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local deleted, top = get(info, 'max-deleted-entry-id'), get(info, 'last-generated-id')
+  if not deleted or not top then return 0 end
+  local n = 0
+  for i = from, #ids do
+    if not before(deleted, ids[i]) then
+      local low = floor
+      if low == '' or before(low, ids[i]) then low = ids[i] end
+      redis.call('ZADD', KEYS[2], tonumber(string.match(low, '^(%d+)')), ids[i] .. '|' .. top)
+      n = n + 1
+    end
+  end
+  if redis.call('ZCARD', KEYS[2]) > 100000 then
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -100001)
+  end
+  if n > 0 then redis.call('PEXPIRE', KEYS[2], 604800000) end
+  return n
 end
-if not other then return 0 end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local deleted, top = get(info, 'max-deleted-entry-id'), get(info, 'last-generated-id')
-if not deleted or not top then return 0 end
-local n = 0
-for i = 3, #ARGV do
-  if not before(deleted, ARGV[i]) then
-    local floor = ARGV[2]
-    if floor == '' or before(floor, ARGV[i]) then floor = ARGV[i] end
-    redis.call('ZADD', KEYS[2], tonumber(string.match(floor, '^(%d+)')),
-               ARGV[i] .. '|' .. top)
-    n = n + 1
+"""
+
+#: Records the copies in flight of entries we hold in memory that Redis says are deleted
+#: (see _RECORD_COPIES; ARGV[2] the stream's last ID when they were last seen present,
+#: ARGV[3..] their IDs). The number recorded.
+_EXPECT_COPIES = _RECORD_COPIES + "return record(ARGV, 3, ARGV[2])"
+
+#: XACK and XDEL of entries written or parked (KEYS[1] the stream, KEYS[2] its
+#: COPIES_PREFIX set; ARGV[1] our group, ARGV[2] '1' to look for copies, ARGV[3..] the
+#: IDs), one atomic step, so that XLEN is the true backlog. While another group reads the
+#: stream, one of them may be deleted already, after its last touch: the platform's copy
+#: of a record we have just written. Each ID is deleted on its own then, and those already
+#: gone are recorded as copies in flight (see _RECORD_COPIES), so that such a copy trimmed
+#: before any group reads it is not counted as a lost record. Not on a retry (ARGV[2] '0':
+#: our first try may have deleted them). The number recorded.
+_ACK_DELETE = _RECORD_COPIES + """
+for i = 3, #ARGV, 1000 do
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+local gone = {}
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 1
+    and #redis.call('XINFO', 'GROUPS', KEYS[1]) > 1 then
+  for i = 3, #ARGV do
+    if redis.call('XDEL', KEYS[1], ARGV[i]) == 0 then gone[#gone + 1] = ARGV[i] end
+  end
+else
+  for i = 3, #ARGV, 1000 do
+    redis.call('XDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
   end
 end
-if redis.call('ZCARD', KEYS[2]) > 100000 then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -100001)
-end
-redis.call('PEXPIRE', KEYS[2], 604800000)
-return n
+if #gone == 0 then return 0 end
+return record(gone, 1, '')
 """
+
 
 #: Creates the group at 0 and forgets the trimmed-unread count of the group before it.
 _CREATE_GROUP = """

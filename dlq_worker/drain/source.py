@@ -30,6 +30,7 @@ from dlq_worker.drain.redis_io import (
     translated,
 )
 from dlq_worker.drain.scripts import (
+    _ACK_DELETE,
     _ADOPT,
     _AUTOCLAIM,
     _CLAIM_FROM,
@@ -81,6 +82,7 @@ class Source:
         self._claim_from = self.client.register_script(_CLAIM_FROM)
         self._touch = self.client.register_script(_TOUCH)
         self._expect_copies = self.client.register_script(_EXPECT_COPIES)
+        self._ack_delete = self.client.register_script(_ACK_DELETE)
         #: Per stream, its last ID at our last touch, and at the touch before it.
         self._touched_top: dict[str, str] = {}
         self._present_up_to: dict[str, str] = {}
@@ -445,17 +447,20 @@ class Source:
 
     # -- acknowledging and parking --
 
-    def ack_and_delete(self, ids_by_stream: Mapping[str, Sequence[str]]) -> None:
-        """XACK and XDEL in one MULTI/EXEC round trip, so that XLEN is the true backlog."""
-        if not any(ids_by_stream.values()):
-            return
+    def ack_and_delete(self, ids_by_stream: Mapping[str, Sequence[str]], *,
+                       first_try: bool = True) -> int:
+        """XACK and XDEL, one atomic step per stream, so that XLEN is the true backlog.
+        On a first try, entries found deleted already while another group reads the stream
+        are recorded as the platform's copies in flight (see _ACK_DELETE). The number
+        recorded."""
+        recorded = 0
         with translated("XACK/XDEL"):
-            pipe = self.client.pipeline(transaction=True)
             for stream, ids in ids_by_stream.items():
                 if ids:
-                    pipe.xack(stream, self.group, *ids)
-                    pipe.xdel(stream, *ids)
-            pipe.execute()
+                    recorded += int(self._ack_delete(
+                        keys=[stream, COPIES_PREFIX + stream],
+                        args=[self.group, "1" if first_try else "0", *ids]))
+        return recorded
 
     def park(self, entry: Entry, *, reason: str, error_class: str, error: str,
              deliveries: int, details: Mapping[str, str] | None = None) -> int:

@@ -87,7 +87,8 @@ class Metrics:
             f"{p}_entries_trimmed_unread_copies_total",
             "Entries trimmed from a DLQ stream before any group read them that may be the "
             "platform retry worker's copies of records this group held in memory (written or "
-            "parked from memory): not counted as lost; in the uncertain figure.",
+            "parked from memory) or had just written (deleted before its XACK): not counted as "
+            "lost; in the uncertain figure.",
             ["stream"], registry=r)
         self.uncertain_unread = Gauge(
             f"{p}_entries_gone_unread_uncertain",

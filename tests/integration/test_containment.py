@@ -158,11 +158,11 @@ def test_ack_refused_by_redis_leaves_entries_pending_then_acked(bed: Bed, start_
     real = Source.ack_and_delete
     refused: list[int] = []
 
-    def ack(self: Source, ids: Any) -> None:
+    def ack(self: Source, ids: Any, **kwargs: Any) -> int:
         if not refused:
             refused.append(1)
             raise RedisCommandError("XACK/XDEL: ERR injected")
-        real(self, ids)
+        return real(self, ids, **kwargs)
 
     monkeypatch.setattr(Source, "ack_and_delete", ack)
     valid = {r["event_id"] for r in bed.produce_events(30)}

@@ -289,67 +289,112 @@ def test_a_rise_while_another_group_read_past_the_leader_is_reported_as_uncertai
     assert count(45, "15-0", "12-0", 645) == [15, 0, 30]
 
 
-def test_records_the_platform_copied_before_we_read_them_are_never_counted_lost(
-        bed: Bed, caplog: Any) -> None:
-    # Given the platform's retry worker (its PostgreSQL unreachable) and our group on one
-    # stream, and the worker's own count of it (its monitor, polled by hand)
-    from dlq_worker.drain.sink import Sink
-    from dlq_worker.watch.health import Health
-    from dlq_worker.watch.metrics import Metrics
-    from dlq_worker.watch.monitor import Monitor
-    from tests.platform_double import PlatformRetryWorker
+class _HandPolled:
+    """The platform's retry worker (its PostgreSQL unreachable: every write fails, so it
+    copies and deletes) and our group on one stream, with the worker's own loss count of it
+    (its monitor) polled by hand, and our group's reads done by hand too."""
 
-    cfg = bed.config(worker={"stats_interval": "1ms"})
-    platform = PlatformRetryWorker(
-        bed.redis_port, f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x", scale=1e6)
-    platform.create_groups()
-    bed.client.xgroup_create(EVENTS, GROUP, id="0")
-    metrics = Metrics()
-    monitor = Monitor(cfg, metrics, Health(liveness_timeout=60.0, unready_after=1.0),
-                      Sink(cfg.database), lambda: [EVENTS])
+    def __init__(self, bed: Bed) -> None:
+        from dlq_worker.drain.sink import Sink
+        from dlq_worker.watch.health import Health
+        from dlq_worker.watch.metrics import Metrics
+        from dlq_worker.watch.monitor import Monitor
+        from tests.platform_double import PlatformRetryWorker
 
-    def poll() -> None:
+        self.bed = bed
+        self.config = bed.config(worker={"stats_interval": "1ms"})
+        self.platform = PlatformRetryWorker(
+            bed.redis_port, f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x",
+            scale=1e6)
+        self.platform.create_groups()
+        bed.client.xgroup_create(EVENTS, GROUP, id="0")
+        self.metrics = Metrics()
+        self.monitor = Monitor(self.config, self.metrics,
+                               Health(liveness_timeout=60.0, unready_after=1.0),
+                               Sink(self.config.database), lambda: [EVENTS])
+
+    def poll(self) -> None:
         time.sleep(0.01)  # past the 1 ms trim-check lock of the previous poll
-        monitor.poll()
+        self.monitor.poll()
 
-    def read() -> list[str]:
-        reply: Any = bed.client.xreadgroup(GROUP, "dlq-1", {EVENTS: ">"}, count=100)
+    def read(self) -> list[str]:
+        reply: Any = self.bed.client.xreadgroup(GROUP, "dlq-1", {EVENTS: ">"}, count=100)
         return [i.decode() for i, _ in reply[0][1]] if reply else []
 
-    def written(*ids: str) -> None:
+    def written(self, *ids: str) -> None:
         """What our worker does once they are rows: XACK and XDEL them."""
-        bed.client.xack(EVENTS, GROUP, *ids)
-        bed.client.xdel(EVENTS, *ids)
+        self.bed.client.xack(EVENTS, GROUP, *ids)
+        self.bed.client.xdel(EVENTS, *ids)
 
+    def counted(self, metric: str = "trimmed_unread") -> float:
+        value: float = getattr(self.metrics, metric).labels(EVENTS)._value.get()
+        return value
+
+    def close(self) -> None:
+        self.monitor.client.close()
+        self.platform.stop()
+
+
+def test_records_the_platform_copied_before_we_read_them_are_never_counted_lost(
+        bed: Bed, caplog: Any) -> None:
+    # Given the platform's retry worker and our group on one stream
+    world = _HandPolled(bed)
     try:
         # When our group has drained a first record, the platform reads the next two first
         # and fails on them (copies at the tail, originals deleted), our group reads the
         # copies (it now leads) and the second is written and deleted first (the entry it read
         # last is deleted, one before it is still there), and then it reads one more
         bed.produce_events(1)
-        written(*read())
+        world.written(*world.read())
         bed.produce_events(2)
-        assert platform.read_once() == 2 and platform.copied == 2
-        poll()
-        first, second = read()
-        written(second)
-        poll()
-        written(first)
+        assert world.platform.read_once() == 2 and world.platform.copied == 2
+        world.poll()
+        first, second = world.read()
+        world.written(second)
+        world.poll()
+        world.written(first)
         bed.produce_events(1)
-        assert len(read()) == 1
-        poll()
+        assert len(world.read()) == 1
+        world.poll()
 
         # Then nothing is counted lost: the two originals were read by the platform's
         # group, and their copies by ours
-        lost = metrics.trimmed_unread.labels(EVENTS)._value.get()
         alarms = [r.getMessage() for r in caplog.records if "AUDIT LOSS" in r.getMessage()]
-        assert lost == 0 and not alarms
+        assert world.counted() == 0 and not alarms
 
         # and two records then trimmed before any group read them are counted, exactly
         bed.produce_events(3, maxlen=1, exact=True)
-        poll()
-        assert metrics.trimmed_unread.labels(EVENTS)._value.get() == 2
+        world.poll()
+        assert world.counted() == 2
         assert int(bed.client.hget("dlq-worker:trimmed-unread", EVENTS) or 0) == 2
     finally:
-        monitor.client.close()
-        platform.stop()
+        world.close()
+
+
+def test_the_platforms_copies_of_records_deleted_before_our_ack_are_not_counted_lost(
+        bed: Bed) -> None:
+    # Given 20 records our group read and wrote, which the platform's retry worker read too
+    # and failed on: it copied them to the tail and deleted the originals before our
+    # acknowledgement (no touch of ours saw them deleted in between)
+    world = _HandPolled(bed)
+    source = Source(world.config, "dlq-1")
+    try:
+        bed.produce_events(20)
+        ours = world.read()
+        assert world.platform.read_once(20) == 20 and world.platform.copied == 20
+        world.poll()
+
+        # When the worker acknowledges them, as after its commit, and producers then trim
+        # past the copies before any group reads them, with 150 more records lost to the cap
+        source.ack_and_delete({EVENTS: ours})
+        bed.produce_events(200, maxlen=50, exact=True)
+        world.poll()
+
+        # Then the 150 are counted lost, exactly: the 20 copies of records written are
+        # reported as uncertain, never as lost
+        assert bed.pending(EVENTS) == 0
+        assert (world.counted(), world.counted("trimmed_copies")) == (150, 20)
+        assert int(bed.client.hget("dlq-worker:trimmed-unread", EVENTS) or 0) == 150
+    finally:
+        source.close()
+        world.close()
