@@ -190,6 +190,9 @@ COPIES_PREFIX = "dlq-worker:copies-in-flight:"
 #: taken for such copies, or gone while another group read past the leader between two
 #: counts (then a deletion cannot be told from trimming). Reported as uncertain.
 UNCERTAIN_KEY = "dlq-worker:trimmed-unread:uncertain"
+#: Per stream, a hash of every group's gone-unread figure at the last count: at a change
+#: of leader, what was trimmed since raised both the old and the new leader's figures.
+FIGURES_PREFIX = "dlq-worker:trimmed-unread:figures:"
 
 #: Lua: whether stream ID a comes before b (the loss scripts compare positions).
 BEFORE = """
@@ -282,7 +285,7 @@ redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
 redis.call('HDEL', KEYS[2], KEYS[1])
 redis.call('HDEL', KEYS[3], KEYS[1])
 redis.call('HDEL', KEYS[4], KEYS[1])
-redis.call('DEL', KEYS[5])
+redis.call('DEL', KEYS[5], KEYS[6])
 return 1
 """
 
@@ -294,7 +297,7 @@ redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 redis.call('HDEL', KEYS[2], KEYS[1])
 redis.call('HDEL', KEYS[3], KEYS[1])
 redis.call('HDEL', KEYS[4], KEYS[1])
-redis.call('DEL', KEYS[5])
+redis.call('DEL', KEYS[5], KEYS[6])
 return 1
 """
 

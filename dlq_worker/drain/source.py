@@ -45,6 +45,7 @@ from dlq_worker.drain.scripts import (
     _READ_BOUNDED,
     _TOUCH,
     COPIES_PREFIX,
+    FIGURES_PREFIX,
     LEADER_KEY,
     LOST_KEY,
     PARK_MARK_SECONDS,
@@ -60,7 +61,8 @@ log = logging.getLogger(__name__)
 
 def _count_keys(stream: str) -> list[str]:
     """The stream first, then the keys of its loss count, which restarts with its group."""
-    return [stream, LOST_KEY, LEADER_KEY, UNCERTAIN_KEY, COPIES_PREFIX + stream]
+    return [stream, LOST_KEY, LEADER_KEY, UNCERTAIN_KEY, COPIES_PREFIX + stream,
+            FIGURES_PREFIX + stream]
 
 
 class Source:

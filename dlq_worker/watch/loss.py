@@ -8,7 +8,7 @@ is declared lost in drain/flush.py.)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -131,8 +131,14 @@ LOCK_PREFIX = "dlq-worker:trim-check:"
 #: With KEYS[4] (the stream's copies in flight), KEYS[5] (the uncertain totals) and
 #: ARGV[11] (the stream's first ID), the rise left once the platform's copies of records we
 #: hold are taken out, and {rise, taken now, uncertain in all} is returned; a rise of the
-#: same leader while another group read past it is added to the uncertain total.
-RAISE_LOST = _BEFORE + "local function count()" + """
+#: same leader while another group read past it is added to the uncertain total. With
+#: KEYS[6] (every group's figure at the last count) and ARGV[12..] (each group's name and
+#: figure now, '' unknown; ours first), a change of leader adds to it what was trimmed in
+#: between, which raised every group's figure: our group's rise since the last count when
+#: the lead passes to it (everything gone before we read it: uncertain by definition), the
+#: smaller of ours and the new leader's when it passes to another group (each also counts
+#: what the other read and deleted first: uncertain, never certain).
+RAISE_LOST = _BEFORE + "local fresh = true local function count()" + """
 local rec = redis.call('HGET', KEYS[3], ARGV[1])
 local rl, rg, rpos, rread, radded, rflag
 if rec then
@@ -149,13 +155,14 @@ if not read and same and tonumber(rread) and added and tonumber(ARGV[10]) then
   new = math.max(0, added - read - tonumber(ARGV[10]))
   recovered = true
 end
-if not new then return -3 end
+if not new then fresh = false return -3 end
 local function keep(figure, flag)
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. figure .. '|' .. ARGV[6] .. '|' ..
              (read or '') .. '|' .. (added or '') .. '|' .. flag)
 end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+  if #KEYS >= 6 then redis.call('DEL', KEYS[6]) end  -- the old server's read counters
   if rl and not same then keep(new, '') return -1 end
 end
 if not rl then
@@ -165,13 +172,33 @@ if not rl then
   return new
 end
 if rl == ARGV[2] and tonumber(radded) and added and added < tonumber(radded) then
+  fresh = false
   return 0  -- a snapshot older than the last count (another replica's): nothing new
 end
 if rl ~= ARGV[2] or before(rpos, ARGV[7]) then
-  -- the same leader's rise while another group read past it: uncertain, never silent
-  if #KEYS >= 5 and rl == ARGV[2] and new > tonumber(rg) then
-    redis.call('HINCRBY', KEYS[5], ARGV[1], new - tonumber(rg))
+  -- the same leader's rise while another group read past it, or what was trimmed before
+  -- a change of leader: uncertain, never silent
+  local rise = 0
+  if rl == ARGV[2] then
+    rise = new - tonumber(rg)
+  elseif #KEYS >= 6 then
+    local function rise_of(name)  -- a group's rise since the last count, false if unknown
+      local was, now = tonumber(redis.call('HGET', KEYS[6], name) or ''), nil
+      for i = 12, #ARGV - 1, 2 do
+        if ARGV[i] == name then now = tonumber(ARGV[i + 1]) end
+      end
+      if was and now then return now - was end
+      return false
+    end
+    local ours = rise_of(ARGV[12] or '')
+    if ours and ARGV[5] == '1' then
+      rise = ours
+    elseif ours then
+      local theirs = rise_of(ARGV[2])
+      if theirs then rise = math.min(ours, theirs) end
+    end
   end
+  if #KEYS >= 5 and rise > 0 then redis.call('HINCRBY', KEYS[5], ARGV[1], rise) end
   keep(new, '')
   return -2
 end
@@ -183,6 +210,12 @@ redis.call('HINCRBY', KEYS[1], ARGV[1], new - old)
 return new - old
 end
 local rise = count()
+if fresh and #KEYS >= 6 then
+  for i = 12, #ARGV - 1, 2 do
+    if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
+  end
+  redis.call('PEXPIRE', KEYS[6], 604800000)
+end
 if #KEYS < 5 then return rise end
 -- The platform's copies of records we hold in memory (KEYS[4], see _EXPECT_COPIES): a copy
 -- can be among the entries trimmed unread once the stream's head (ARGV[11], '' when the
@@ -251,6 +284,8 @@ class StreamStats:
     uncertain_unread: int | None = None
     #: The stream's first entry ID ("" when it is empty).
     first_id: str = ""
+    #: Every group's gone-unread figure (None: unknown), by name.
+    figures: dict[str, int | None] = field(default_factory=dict)
 
 
 def stream_stats(client: redis.Redis, config: Config, stream: str, *,
@@ -286,6 +321,7 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
             (_id(last), _text(name), other) for name, last, other in reply[10] or []]
         ahead, stats.leader, figures = max(
             positions, key=lambda p: (p[0], p[1] == config.streams.group))
+        stats.figures = {name: _int_or_none(g[0]) for _, name, g in positions}
         stats.leader_lost_unread = _int_or_none(figures[0])
         stats.leader_read = _int_or_none(figures[1])
         stats.leader_after = _int_or_none(figures[2])

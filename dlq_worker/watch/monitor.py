@@ -19,7 +19,13 @@ import redis
 
 from dlq_worker.config import Config
 from dlq_worker.drain.redis_io import make_client, translated
-from dlq_worker.drain.scripts import COPIES_PREFIX, LEADER_KEY, LOST_KEY, UNCERTAIN_KEY
+from dlq_worker.drain.scripts import (
+    COPIES_PREFIX,
+    FIGURES_PREFIX,
+    LEADER_KEY,
+    LOST_KEY,
+    UNCERTAIN_KEY,
+)
 from dlq_worker.drain.sink import Sink
 from dlq_worker.watch import elsewhere
 from dlq_worker.watch.elsewhere import OtherDatabases
@@ -237,11 +243,13 @@ class Monitor:
             with translated(f"HSET {LOST_KEY}"):
                 new, copies, uncertain = (int(v) for v in self._raise_lost(
                     keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY, COPIES_PREFIX + s.stream,
-                          UNCERTAIN_KEY],
+                          UNCERTAIN_KEY, FIGURES_PREFIX + s.stream],
                     args=[s.stream, s.leader, script_arg(s.leader_lost_unread), self._run_id,
                           "1" if ours else "0", s.leader_position, s.others_position,
                           script_arg(s.leader_read), script_arg(s.entries_added),
-                          script_arg(s.leader_after), s.first_id]))
+                          script_arg(s.leader_after), s.first_id,
+                          *(v for name, figure in s.figures.items()
+                            for v in (name, script_arg(figure)))]))
             if s.uncertain_unread is not None:
                 m.uncertain_unread.labels(s.stream).set(s.uncertain_unread + uncertain)
             if copies:

@@ -294,7 +294,7 @@ class _HandPolled:
     copies and deletes) and our group on one stream, with the worker's own loss count of it
     (its monitor) polled by hand, and our group's reads done by hand too."""
 
-    def __init__(self, bed: Bed) -> None:
+    def __init__(self, bed: Bed, scale: float = 1e6) -> None:
         from dlq_worker.drain.sink import Sink
         from dlq_worker.watch.health import Health
         from dlq_worker.watch.metrics import Metrics
@@ -305,7 +305,7 @@ class _HandPolled:
         self.config = bed.config(worker={"stats_interval": "1ms"})
         self.platform = PlatformRetryWorker(
             bed.redis_port, f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x",
-            scale=1e6)
+            scale=scale)
         self.platform.create_groups()
         bed.client.xgroup_create(EVENTS, GROUP, id="0")
         self.metrics = Metrics()
@@ -397,4 +397,32 @@ def test_the_platforms_copies_of_records_deleted_before_our_ack_are_not_counted_
         assert int(bed.client.hget("dlq-worker:trimmed-unread", EVENTS) or 0) == 150
     finally:
         source.close()
+        world.close()
+
+
+def test_entries_trimmed_just_before_a_change_of_leader_are_reported_never_silent(
+        bed: Bed) -> None:
+    # Given our group leading, then the platform's group reading 5 entries past it and
+    # keeping them (not ready yet: its backoff has not passed), counted while it leads
+    world = _HandPolled(bed, scale=1.0)
+    try:
+        bed.produce_events(5)
+        world.written(*world.read())
+        world.poll()
+        bed.produce_events(5)
+        assert world.platform.read_once() == 5 and world.platform.copied == 0
+        world.poll()
+
+        # When producers trim those 5 and 20 that no group read, and our group then reads
+        # past the platform's before the next count (the lead changes hands in between)
+        bed.produce_events(40, maxlen=20, exact=True)
+        assert len(world.read()) == 20
+        world.poll()
+
+        # Then Redis cannot tell them from the platform's copy-and-XDEL, so none is a certain
+        # loss, but all 25 are reported in the uncertain figure: never silent
+        assert world.counted() == 0
+        assert int(bed.client.hget("dlq-worker:trimmed-unread:uncertain", EVENTS) or 0) == 25
+        assert world.counted("uncertain_unread") == 25
+    finally:
         world.close()
