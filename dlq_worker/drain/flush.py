@@ -408,12 +408,18 @@ class Flusher:
         if rejected:
             self.retry(lambda: self.handle_rejected(rejected))
         ids: dict[str, list[str]] = {}
+        gone: dict[str, list[str]] = {}  # deleted already, and told as such (see prepare)
         for entry in ack:
-            ids.setdefault(entry.stream, []).append(entry.id)
+            (gone if entry.deleted else ids).setdefault(entry.stream, []).append(entry.id)
         tries = itertools.count()
+
+        def ack_and_delete() -> int:
+            first = next(tries) == 0
+            self.source.ack_and_delete(gone, first_try=False)
+            return self.source.ack_and_delete(ids, first_try=first)
+
         try:
-            copies = self.retry(lambda: self.source.ack_and_delete(
-                ids, first_try=next(tries) == 0))
+            copies = self.retry(ack_and_delete)
             if copies:
                 log.info("entries written were deleted from the stream before their "
                          "acknowledgement, while another group reads it (the platform's retry "

@@ -220,14 +220,18 @@ local function get(t, name)
   for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
   return false
 end
-local function record(ids, from, floor)
+local function stream_marks()  -- {max-deleted-entry-id, last-generated-id}
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  return {get(info, 'max-deleted-entry-id'), get(info, 'last-generated-id')}
+end
+local function record(ids, from, floor, marks)
   local other = false
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     if get(g, 'name') ~= ARGV[1] then other = true end
   end
   if not other then return 0 end
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  local deleted, top = get(info, 'max-deleted-entry-id'), get(info, 'last-generated-id')
+  marks = marks or stream_marks()
+  local deleted, top = marks[1], marks[2]
   if not deleted or not top then return 0 end
   local n = 0
   for i = from, #ids do
@@ -263,9 +267,10 @@ _ACK_DELETE = _RECORD_COPIES + """
 for i = 3, #ARGV, 1000 do
   redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-local gone = {}
+local gone, marks = {}, nil
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 1
     and #redis.call('XINFO', 'GROUPS', KEYS[1]) > 1 then
+  marks = stream_marks()  -- before our own XDELs raise max-deleted-entry-id
   for i = 3, #ARGV do
     if redis.call('XDEL', KEYS[1], ARGV[i]) == 0 then gone[#gone + 1] = ARGV[i] end
   end
@@ -275,7 +280,7 @@ else
   end
 end
 if #gone == 0 then return 0 end
-return record(gone, 1, '')
+return record(gone, 1, '', marks)
 """
 
 

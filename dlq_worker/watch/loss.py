@@ -156,9 +156,11 @@ if not read and same and tonumber(rread) and added and tonumber(ARGV[10]) then
   recovered = true
 end
 if not new then fresh = false return -3 end
+-- flags: 'r' the counter was recovered (see above); 'c' the figure is the read counter's
+-- (every record since figures stopped coming from the lag's estimate, see _SNAPSHOT)
 local function keep(figure, flag)
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. '|' .. figure .. '|' .. ARGV[6] .. '|' ..
-             (read or '') .. '|' .. (added or '') .. '|' .. flag)
+             (read or '') .. '|' .. (added or '') .. '|' .. (string.gsub(flag, 'c', '')) .. 'c')
 end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
@@ -170,6 +172,12 @@ if not rl then
   if ARGV[5] ~= '1' then return -2 end
   if new > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], new) end
   return new
+end
+if not string.find(rflag or '', 'c', 1, true) then
+  -- a figure recorded by a version that took it from the lag's estimate: not comparable
+  -- with the counter's (it could rise by what the platform copied first), a new baseline
+  keep(new, '')
+  return -2
 end
 if rl == ARGV[2] and tonumber(radded) and added and added < tonumber(radded) then
   fresh = false
@@ -202,7 +210,10 @@ if rl ~= ARGV[2] or before(rpos, ARGV[7]) then
   keep(new, '')
   return -2
 end
-if rflag == 'r' and not recovered then keep(new, '') return -2 end  -- counter estimated again
+if string.find(rflag, 'r', 1, true) and not recovered then  -- counter estimated again
+  keep(new, '')
+  return -2
+end
 local old = tonumber(rg)
 if new <= old then keep(old, rflag) return 0 end
 keep(new, recovered and 'r' or '')
@@ -212,7 +223,11 @@ end
 local rise = count()
 if fresh and #KEYS >= 6 then
   for i = 12, #ARGV - 1, 2 do
-    if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
+    if ARGV[i + 1] ~= '' then
+      redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+    else  -- unknown now: a later rise must not be measured from an older figure
+      redis.call('HDEL', KEYS[6], ARGV[i])
+    end
   end
   redis.call('PEXPIRE', KEYS[6], 604800000)
 end

@@ -426,3 +426,49 @@ def test_entries_trimmed_just_before_a_change_of_leader_are_reported_never_silen
         assert world.counted("uncertain_unread") == 25
     finally:
         world.close()
+
+
+def test_entries_trimmed_before_our_ack_are_not_taken_for_the_platforms_copies(
+        bed: Bed) -> None:
+    # Given 20 entries our group read, the platform's group on the stream too, and exact
+    # trimming that took the oldest 10 of them before our acknowledgement (trimming sets no
+    # max-deleted-entry-id: no group deleted them, nobody copied them)
+    world = _HandPolled(bed)
+    source = Source(world.config, "dlq-1")
+    try:
+        bed.produce_events(20)
+        ours = world.read()
+        bed.client.xtrim(EVENTS, maxlen=10, approximate=False)
+
+        # When the worker acknowledges all 20 (its own XDELs of the other 10 raise
+        # max-deleted-entry-id past the trimmed ones)
+        recorded = source.ack_and_delete({EVENTS: ours})
+
+        # Then none is taken for a copy in flight: a copy would hide a later real loss
+        assert recorded == 0
+        assert bed.client.zcard(f"dlq-worker:copies-in-flight:{EVENTS}") == 0
+        assert bed.pending(EVENTS) == 0 and bed.depth(EVENTS) == 0
+    finally:
+        source.close()
+        world.close()
+
+
+def test_a_count_recorded_before_figures_came_from_the_read_counter_is_a_new_baseline(
+        bed: Bed) -> None:
+    # Given the leader's figure recorded by an earlier version (from the lag's estimate:
+    # 0 where the read counter says 241), our group leading at 9-0, no group past it
+    from dlq_worker.drain.scripts import LEADER_KEY, LOST_KEY
+    from dlq_worker.watch.loss import RAISE_LOST, RUN_ID_KEY
+    raise_lost = bed.client.register_script(RAISE_LOST)
+    bed.client.hset(LEADER_KEY, EVENTS, "dlq-worker|0|9-0|359|600|")
+
+    def count(lost_unread: int, position: str, added: int) -> int:
+        return int(raise_lost(keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY],
+                              args=[EVENTS, "dlq-worker", lost_unread, "", "1", position,
+                                    "0-0", 600 - lost_unread, added, 0]))
+
+    # When this version counts there first, its figure from the counter (241)
+    # Then that is a new baseline, not 241 lost; later rises count as before
+    assert count(241, "9-0", 600) == -2
+    assert int(bed.client.hget(LOST_KEY, EVENTS) or 0) == 0
+    assert count(251, "9-0", 610) == 10
