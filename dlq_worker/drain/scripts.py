@@ -193,6 +193,11 @@ UNCERTAIN_KEY = "dlq-worker:trimmed-unread:uncertain"
 #: Per stream, a hash of every group's gone-unread figure at the last count: at a change
 #: of leader, what was trimmed since raised both the old and the new leader's figures.
 FIGURES_PREFIX = "dlq-worker:trimmed-unread:figures:"
+#: Per stream, by group, the highest gone-unread figure our group had just before one of
+#: its reads, taken where trimming had passed its position (see _READ_BOUNDED): Valkey 8.1
+#: re-estimates a group's entries-read at that read as if the trimmed entries had been read,
+#: so after it the figure no longer shows them. The count takes the higher of the two.
+BEFORE_READ_PREFIX = "dlq-worker:trimmed-unread:before-read:"
 
 #: Lua: whether stream ID a comes before b (the loss scripts compare positions).
 BEFORE = """
@@ -290,7 +295,7 @@ redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
 redis.call('HDEL', KEYS[2], KEYS[1])
 redis.call('HDEL', KEYS[3], KEYS[1])
 redis.call('HDEL', KEYS[4], KEYS[1])
-redis.call('DEL', KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
 return 1
 """
 
@@ -302,7 +307,7 @@ redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 redis.call('HDEL', KEYS[2], KEYS[1])
 redis.call('HDEL', KEYS[3], KEYS[1])
 redis.call('HDEL', KEYS[4], KEYS[1])
-redis.call('DEL', KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
 return 1
 """
 
@@ -345,10 +350,39 @@ return out
 _READ_BOUNDED = """
 local group, consumer = ARGV[1], ARGV[2]
 local left, budget, largest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = #KEYS / 2  -- the streams, then each one's BEFORE_READ_PREFIX hash
+local function get(t, name)
+  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
+  return false
+end
+-- Our group's gone-unread figure before a read, where trimming has passed its position (no
+-- entry left at or before it): then every entry present is after it, and the figure is the
+-- read counter's. Kept at its highest (see BEFORE_READ_PREFIX).
+local function before_read(k)
+  if redis.call('EXISTS', KEYS[k]) == 0 then return end
+  local last, read = false, false
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[k])) do
+    if get(g, 'name') == group then
+      last, read = get(g, 'last-delivered-id'), get(g, 'entries-read')
+    end
+  end
+  if not read then return end
+  local length = redis.call('XLEN', KEYS[k])
+  if length > 0 and #redis.call('XRANGE', KEYS[k], '-', last, 'COUNT', 1) > 0 then return end
+  local added = get(redis.call('XINFO', 'STREAM', KEYS[k]), 'entries-added')
+  if not added then return end
+  local figure = added - read - length
+  local was = tonumber(redis.call('HGET', KEYS[n + k], group) or '')
+  if figure > 0 and (not was or figure > was) then
+    redis.call('HSET', KEYS[n + k], group, figure)
+    redis.call('PEXPIRE', KEYS[n + k], 604800000)
+  end
+end
 local out = {}
-for k = 1, #KEYS do
+for k = 1, n do
   local id = ARGV[5 + k]
   local rows = {}
+  if id == '>' then before_read(k) end
   while left > 0 and budget > 0 do
     local step = math.min(left, math.max(1, math.floor(budget / largest)))
     local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', step,

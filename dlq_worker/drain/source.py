@@ -44,6 +44,7 @@ from dlq_worker.drain.scripts import (
     _PARK,
     _READ_BOUNDED,
     _TOUCH,
+    BEFORE_READ_PREFIX,
     COPIES_PREFIX,
     FIGURES_PREFIX,
     LEADER_KEY,
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 def _count_keys(stream: str) -> list[str]:
     """The stream first, then the keys of its loss count, which restarts with its group."""
     return [stream, LOST_KEY, LEADER_KEY, UNCERTAIN_KEY, COPIES_PREFIX + stream,
-            FIGURES_PREFIX + stream]
+            FIGURES_PREFIX + stream, BEFORE_READ_PREFIX + stream]
 
 
 class Source:
@@ -214,7 +215,8 @@ class Source:
         streams = list(ids)
         try:
             reply: Any = self._read_bounded(
-                keys=streams, args=[self.group, self.consumer, max(1, count),
+                keys=[*streams, *(BEFORE_READ_PREFIX + s for s in streams)],
+                args=[self.group, self.consumer, max(1, count),
                                     max(1, max_bytes), LARGEST_ENTRY,
                                     *(ids[s] for s in streams)])
         except redis.ResponseError as exc:

@@ -16,6 +16,7 @@ import redis
 from dlq_worker.config import Config
 from dlq_worker.drain.redis_io import translated
 from dlq_worker.drain.scripts import BEFORE as _BEFORE
+from dlq_worker.drain.scripts import BEFORE_READ_PREFIX
 
 #: One stream's figures in one atomic step: depth, first ID, parked depth, and for the
 #: group: pending, lag, consumers, and for it and every other group on the stream (the
@@ -80,7 +81,14 @@ local function gone(g)
   local unread = lag
   if read and added then unread = added - read end
   if not after or not unread then return {false, read, after} end
-  return {math.max(0, unread - after), read, after}
+  local figure = math.max(0, unread - after)
+  if get(g, 'name') == ARGV[1] then
+    -- at least what it was before one of our reads (Valkey forgets trims there: see
+    -- BEFORE_READ_PREFIX)
+    local was = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '')
+    if was and was > figure then figure = was end
+  end
+  return {figure, read, after}
 end
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 for _, g in ipairs(groups) do
@@ -164,7 +172,7 @@ local function keep(figure, flag)
 end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[4] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-  if #KEYS >= 6 then redis.call('DEL', KEYS[6]) end  -- the old server's read counters
+  for i = 6, math.min(#KEYS, 7) do redis.call('DEL', KEYS[i]) end  -- its read counters'
   if rl and not same then keep(new, '') return -1 end
 end
 if not rl then
@@ -316,7 +324,8 @@ def stream_stats(client: redis.Redis, config: Config, stream: str, *,
     dead_letter = config.streams.dead_letter_prefix + stream[len(config.streams.prefix):]
     lock = f"{LOCK_PREFIX}{stream}"
     with translated(f"XINFO {stream}", stream):
-        reply: Any = client.eval(_SNAPSHOT, 3, stream, dead_letter, lock, config.streams.group,
+        reply: Any = client.eval(_SNAPSHOT, 4, stream, dead_letter, lock,
+                                 BEFORE_READ_PREFIX + stream, config.streams.group,
                                  SNAPSHOT_WALK_LIMIT, max(0, check_interval_ms))
     depth, first_id, dead_depth, has_group = (int(reply[0]), reply[1], int(reply[2]),
                                               bool(reply[3]))

@@ -20,6 +20,7 @@ import redis
 from dlq_worker.config import Config
 from dlq_worker.drain.redis_io import make_client, translated
 from dlq_worker.drain.scripts import (
+    BEFORE_READ_PREFIX,
     COPIES_PREFIX,
     FIGURES_PREFIX,
     LEADER_KEY,
@@ -243,7 +244,8 @@ class Monitor:
             with translated(f"HSET {LOST_KEY}"):
                 new, copies, uncertain = (int(v) for v in self._raise_lost(
                     keys=[LOST_KEY, RUN_ID_KEY, LEADER_KEY, COPIES_PREFIX + s.stream,
-                          UNCERTAIN_KEY, FIGURES_PREFIX + s.stream],
+                          UNCERTAIN_KEY, FIGURES_PREFIX + s.stream,
+                          BEFORE_READ_PREFIX + s.stream],
                     args=[s.stream, s.leader, script_arg(s.leader_lost_unread), self._run_id,
                           "1" if ours else "0", s.leader_position, s.others_position,
                           script_arg(s.leader_read), script_arg(s.entries_added),

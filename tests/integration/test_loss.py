@@ -472,3 +472,52 @@ def test_a_count_recorded_before_figures_came_from_the_read_counter_is_a_new_bas
     assert count(241, "9-0", 600) == -2
     assert int(bed.client.hget(LOST_KEY, EVENTS) or 0) == 0
     assert count(251, "9-0", 610) == 10
+
+
+@pytest.mark.parametrize("binary", _redis_binaries(), ids=lambda b: Path(b).name)
+def test_trimming_that_passed_the_group_is_counted_though_the_server_forgets_it_at_the_read(
+        binary: str, bed: Bed, tmp_path: Path) -> None:
+    # Given our group 2 entries into 10 on a Redis 7.0 or a Valkey 8.1 server (Valkey
+    # re-estimates a group's read counter at its next read as if what was trimmed had been
+    # read), and the worker's monitor counting there
+    from dlq_worker.drain.sink import Sink
+    from dlq_worker.watch.health import Health
+    from dlq_worker.watch.metrics import Metrics
+    from dlq_worker.watch.monitor import Monitor
+
+    server = RedisProcess(tmp_path / "redis", appendonly=False)
+    server.binary = binary
+    server.start()
+    client = redis.Redis(port=server.port, db=1)
+    cfg = bed.config(env={"REDIS_ADDR": f"127.0.0.1:{server.port}"},
+                     worker={"stats_interval": "1ms"})
+    source = Source(cfg, "dlq-1")
+    metrics = Metrics()
+    monitor = Monitor(cfg, metrics, Health(liveness_timeout=60.0, unready_after=1.0),
+                      Sink(cfg.database), lambda: [EVENTS])
+
+    def produce(n: int, **cap: Any) -> None:
+        for record in [samples.audit_event(bed.rng) for _ in range(n)]:
+            client.xadd(EVENTS, {"message": producer.build_message(
+                producer.AUDIT_EVENT, record)}, **cap)
+
+    try:
+        produce(10)
+        client.xgroup_create(EVENTS, GROUP, id="0")
+        assert len(source.read({EVENTS: ">"}, 2, None, 1 << 20)) == 2
+        monitor.poll()
+
+        # When producers write 10 more capped at 5 (13 trimmed before any group read them,
+        # the 2 in hand too) and the group reads what is left before the next count
+        produce(10, maxlen=5, approximate=False)
+        assert len(source.read({EVENTS: ">"}, 100, None, 1 << 20)) == 5
+        time.sleep(0.01)  # past the trim check's 1 ms lock
+        monitor.poll()
+
+        # Then the 13 are counted, exactly, on either server
+        assert metrics.trimmed_unread.labels(EVENTS)._value.get() == 13
+    finally:
+        monitor.client.close()
+        source.close()
+        client.close()
+        server.kill()
