@@ -30,7 +30,9 @@ from dlq_worker.drain.scripts import BEFORE_READ_PREFIX
 #: are walked, the shorter way (after the position, or up to it), bounded: at most ARGV[2]
 #: entries each way, in one replica per interval (a lock key, KEYS[3], set for ARGV[3]
 #: ms), else "unknown" (false) for this poll. Losses are counted from totals since the
-#: group was created, so a loss is still reported at the next poll that can afford it.
+#: group was created, so a loss is still reported at the next poll that can afford it. Our
+#: group's figure is at least what the read script found before one of its reads (KEYS[4],
+#: see BEFORE_READ_PREFIX).
 _SNAPSHOT = _BEFORE + """
 local function get(t, name)
   for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
