@@ -210,19 +210,30 @@ local function before(a, b)
 end
 """
 
+#: Lua: a field of an XINFO reply (a flat name/value list), false when absent.
+GET = """
+local function get(t, name)
+  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
+  return false
+end
+"""
 
-#: Lua: record(ids, i, floor) records as copies in flight (KEYS[2], the stream's
+
+#: Lua: record(ids, i, floor, marks) records as copies in flight (KEYS[2], the stream's
 #: COPIES_PREFIX set) the IDs ids[i..] of entries of ours Redis says are deleted from the
-#: stream (KEYS[1]) while another group (not ARGV[1], our group) reads it: the platform's
-#: retry worker copies an entry it failed to write to the tail, then deletes the original.
+#: stream (KEYS[1]) while another group (not ARGV[1], our group: another_group()) reads it:
+#: the platform's retry worker copies an entry it failed to write to the tail, then deletes
+#: the original. ``marks``: the stream's max-deleted-entry-id and last ID (stream_marks()).
 #: Only IDs at or below max-deleted-entry-id: one above it was trimmed (XDEL sets it,
 #: trimming does not), and trimming makes no copy. Each is scored by its lower bound, the
 #: later of its own ID and ``floor`` (the stream's last ID when it was last seen present,
 #: '' unknown: its copy came after both), and carries the stream's last ID now (its copy is
 #: no later). The number recorded.
-_RECORD_COPIES = BEFORE + """
-local function get(t, name)
-  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
+_RECORD_COPIES = BEFORE + GET + """
+local function another_group()
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    if get(g, 'name') ~= ARGV[1] then return true end
+  end
   return false
 end
 local function stream_marks()  -- {max-deleted-entry-id, last-generated-id}
@@ -230,12 +241,6 @@ local function stream_marks()  -- {max-deleted-entry-id, last-generated-id}
   return {get(info, 'max-deleted-entry-id'), get(info, 'last-generated-id')}
 end
 local function record(ids, from, floor, marks)
-  local other = false
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    if get(g, 'name') ~= ARGV[1] then other = true end
-  end
-  if not other then return 0 end
-  marks = marks or stream_marks()
   local deleted, top = marks[1], marks[2]
   if not deleted or not top then return 0 end
   local n = 0
@@ -258,7 +263,10 @@ end
 #: Records the copies in flight of entries we hold in memory that Redis says are deleted
 #: (see _RECORD_COPIES; ARGV[2] the stream's last ID when they were last seen present,
 #: ARGV[3..] their IDs). The number recorded.
-_EXPECT_COPIES = _RECORD_COPIES + "return record(ARGV, 3, ARGV[2])"
+_EXPECT_COPIES = _RECORD_COPIES + """
+if not another_group() then return 0 end
+return record(ARGV, 3, ARGV[2], stream_marks())
+"""
 
 #: XACK and XDEL of entries written or parked (KEYS[1] the stream, KEYS[2] its
 #: COPIES_PREFIX set; ARGV[1] our group, ARGV[2] '1' to look for copies, ARGV[3..] the
@@ -273,8 +281,7 @@ for i = 3, #ARGV, 1000 do
   redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 local gone, marks = {}, nil
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 1
-    and #redis.call('XINFO', 'GROUPS', KEYS[1]) > 1 then
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 1 and another_group() then
   marks = stream_marks()  -- before our own XDELs raise max-deleted-entry-id
   for i = 3, #ARGV do
     if redis.call('XDEL', KEYS[1], ARGV[i]) == 0 then gone[#gone + 1] = ARGV[i] end
@@ -347,14 +354,10 @@ end
 return out
 """
 
-_READ_BOUNDED = """
+_READ_BOUNDED = GET + """
 local group, consumer = ARGV[1], ARGV[2]
 local left, budget, largest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = #KEYS / 2  -- the streams, then each one's BEFORE_READ_PREFIX hash
-local function get(t, name)
-  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
-  return false
-end
 -- Our group's gone-unread figure before a read, where trimming has passed its position (no
 -- entry left at or before it): then every entry present is after it, and the figure is the
 -- read counter's. Kept at its highest (see BEFORE_READ_PREFIX).

@@ -17,6 +17,7 @@ from dlq_worker.config import Config
 from dlq_worker.drain.redis_io import translated
 from dlq_worker.drain.scripts import BEFORE as _BEFORE
 from dlq_worker.drain.scripts import BEFORE_READ_PREFIX
+from dlq_worker.drain.scripts import GET as _GET
 
 #: One stream's figures in one atomic step: depth, first ID, parked depth, and for the
 #: group: pending, lag, consumers, and for it and every other group on the stream (the
@@ -33,11 +34,7 @@ from dlq_worker.drain.scripts import BEFORE_READ_PREFIX
 #: group was created, so a loss is still reported at the next poll that can afford it. Our
 #: group's figure is at least what the read script found before one of its reads (KEYS[4],
 #: see BEFORE_READ_PREFIX).
-_SNAPSHOT = _BEFORE + """
-local function get(t, name)
-  for i = 1, #t, 2 do if t[i] == name then return t[i + 1] end end
-  return false
-end
+_SNAPSHOT = _BEFORE + _GET + """
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local first = get(info, 'first-entry')
 local length, added = get(info, 'length'), get(info, 'entries-added')
