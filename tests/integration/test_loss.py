@@ -312,6 +312,8 @@ class _HandPolled:
         self.monitor = Monitor(self.config, self.metrics,
                                Health(liveness_timeout=60.0, unready_after=1.0),
                                Sink(self.config.database), lambda: [EVENTS])
+        #: Our worker's own Redis side, for what the test does not do by hand.
+        self.source = Source(self.config, "dlq-1")
 
     def poll(self) -> None:
         time.sleep(0.01)  # past the 1 ms trim-check lock of the previous poll
@@ -331,6 +333,7 @@ class _HandPolled:
         return value
 
     def close(self) -> None:
+        self.source.close()
         self.monitor.client.close()
         self.platform.stop()
 
@@ -377,7 +380,6 @@ def test_the_platforms_copies_of_records_deleted_before_our_ack_are_not_counted_
     # and failed on: it copied them to the tail and deleted the originals before our
     # acknowledgement (no touch of ours saw them deleted in between)
     world = _HandPolled(bed)
-    source = Source(world.config, "dlq-1")
     try:
         bed.produce_events(20)
         ours = world.read()
@@ -386,7 +388,7 @@ def test_the_platforms_copies_of_records_deleted_before_our_ack_are_not_counted_
 
         # When the worker acknowledges them, as after its commit, and producers then trim
         # past the copies before any group reads them, with 150 more records lost to the cap
-        source.ack_and_delete({EVENTS: ours})
+        world.source.ack_and_delete({EVENTS: ours})
         bed.produce_events(200, maxlen=50, exact=True)
         world.poll()
 
@@ -396,7 +398,6 @@ def test_the_platforms_copies_of_records_deleted_before_our_ack_are_not_counted_
         assert (world.counted(), world.counted("trimmed_copies")) == (150, 20)
         assert int(bed.client.hget("dlq-worker:trimmed-unread", EVENTS) or 0) == 150
     finally:
-        source.close()
         world.close()
 
 
@@ -434,7 +435,6 @@ def test_entries_trimmed_before_our_ack_are_not_taken_for_the_platforms_copies(
     # trimming that took the oldest 10 of them before our acknowledgement (trimming sets no
     # max-deleted-entry-id: no group deleted them, nobody copied them)
     world = _HandPolled(bed)
-    source = Source(world.config, "dlq-1")
     try:
         bed.produce_events(20)
         ours = world.read()
@@ -442,14 +442,13 @@ def test_entries_trimmed_before_our_ack_are_not_taken_for_the_platforms_copies(
 
         # When the worker acknowledges all 20 (its own XDELs of the other 10 raise
         # max-deleted-entry-id past the trimmed ones)
-        recorded = source.ack_and_delete({EVENTS: ours})
+        recorded = world.source.ack_and_delete({EVENTS: ours})
 
         # Then none is taken for a copy in flight: a copy would hide a later real loss
         assert recorded == 0
         assert bed.client.zcard(f"dlq-worker:copies-in-flight:{EVENTS}") == 0
         assert bed.pending(EVENTS) == 0 and bed.depth(EVENTS) == 0
     finally:
-        source.close()
         world.close()
 
 
