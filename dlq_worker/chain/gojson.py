@@ -86,10 +86,12 @@ def float64(value: float) -> str:
 
 def rfc3339nano(moment: dt.datetime) -> str:
     """``time.Time`` in UTC as Go's MarshalJSON writes it."""
-    utc = moment.astimezone(dt.UTC)
-    text = f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S}"  # (strftime does not pad years < 1000)
+    utc = moment if moment.tzinfo is dt.UTC else moment.astimezone(dt.UTC)
+    # isoformat pads the year to four digits and writes the fraction only when non-zero,
+    # as six digits: Go trims its trailing zeros.
+    text = utc.isoformat()[:-6]  # without its "+00:00"
     if utc.microsecond:
-        text += "." + f"{utc.microsecond:06d}".rstrip("0")
+        text = text.rstrip("0")
     return text + "Z"
 
 
@@ -120,14 +122,15 @@ _EXACT_INT = 2**53
 _GO_DIFFERS = (b"\\", b"<", b">", b"&", "\u2028".encode(), "\u2029".encode())
 
 
-def dumps_unmarshalled(value: Any) -> str:
+def dumps_unmarshalled(value: Any, *, known_plain: bool = False) -> str:
     """A decoded JSON value as Go marshals it after ``json.Unmarshal`` into ``interface{}``
     (every number a float64, map keys sorted). Most audit payloads hold only strings,
     small integers, booleans and nesting: for those, orjson with sorted keys writes the
     very same bytes, checked for the few characters Go escapes and orjson does not.
     Anything else goes through the full encoder. Raises ValueError for a number beyond
-    float64 (Go's Unmarshal refuses it)."""
-    if plain(value):
+    float64 (Go's Unmarshal refuses it). ``known_plain``: the caller has seen ``plain``
+    say so (it walks the whole value)."""
+    if known_plain or plain(value):
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
         if not any(mark in out for mark in _GO_DIFFERS):
             return out.decode()

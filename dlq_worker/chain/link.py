@@ -46,6 +46,29 @@ $$ LANGUAGE sql IMMUTABLE;
 """
 
 
+def lock_id(correlation_id: str) -> int:
+    """``audit_event_lock_id(correlation_id)`` computed here: the first 8 bytes of the
+    SHA-256 of its UTF-8 text, as a signed big-endian bigint. Used only where the
+    database's own function was seen to agree (``lock_ids_agree``)."""
+    digest = hashlib.sha256(correlation_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+#: Correlation IDs the database's lock function is asked about before ``lock_id`` stands
+#: in for it: ASCII, accented and astral text, and the empty string.
+_LOCK_PROBES = ("rr-2026-000001", "corrélation-é-ü", "\U0001f600-chain", "")
+
+
+def lock_ids_agree(conn: Connection) -> bool:
+    """Whether the target's ``audit_event_lock_id()`` gives what ``lock_id`` computes (the
+    platform's migration and ``db init`` define it so; a database with another definition,
+    or another encoding, keeps having its own function called)."""
+    got = conn.execute(text(
+        "SELECT audit_event_lock_id(c) FROM unnest(CAST(:c AS text[])) WITH ORDINALITY "
+        "AS p(c, o) ORDER BY o"), {"c": list(_LOCK_PROBES)}).scalars().all()
+    return [int(v) for v in got] == [lock_id(c) for c in _LOCK_PROBES]
+
+
 @dataclass(frozen=True)
 class Link:
     """What a linked row carries."""
@@ -132,14 +155,21 @@ def stored_view(values: Mapping[str, Any], event_data: Any,
     """A record's values as the row will read back: event_data decoded (``hashed_json``
     makes its numbers float64, as Go does), inet as PostgreSQL prints it, the rest as
     the worker writes them."""
+    return _stored_view(values, event_data, actor_ip_text)[0]
+
+
+def _stored_view(values: Mapping[str, Any], event_data: Any,
+                 actor_ip_text: str | None) -> tuple[dict[str, Any], bool]:
+    """``stored_view``, and whether its event_data is plain (see ``gojson.plain``)."""
     view = dict(values)
     view["event_id"] = str(values["event_id"]).lower()
     view["parent_event_id"] = (None if values.get("parent_event_id") is None
                                else str(values["parent_event_id"]).lower())
     data = event_data.value if isinstance(event_data, Jsonb) else event_data
-    view["event_data"] = data if gojson.plain(data) else _as_stored(data)
+    is_plain = gojson.plain(data)
+    view["event_data"] = data if is_plain else _as_stored(data)
     view["actor_ip"] = actor_ip_text
-    return view
+    return view, is_plain
 
 
 def _as_stored(value: Any) -> Any:
@@ -177,9 +207,13 @@ class Chainer:
     #: waited on) for this long: a frozen writer costs one wait, not one per batch.
     busy_for: float = 10.0
     clock: Callable[[], float] = time.monotonic
+    #: The database's lock function agrees with ``lock_id``: the batch's locks are tried
+    #: by their bigint keys, computed here, instead of calling it once per chain.
+    local_lock_ids: bool = False
     _busy_until: dict[str, float] = field(default_factory=dict)
 
     def link(self, conn: Connection, records: Sequence[Record], indexes: Sequence[int],
+             *, look_for_existing: bool = True,
              ) -> tuple[dict[int, Link], list[int], list[int]]:
         """(links for the rows to hash, indexes of late events written unhashed, indexes
         of rows whose chain another writer holds: not written now, left for later).
@@ -187,7 +221,9 @@ class Chainer:
         Takes the platform's advisory lock for every correlation_id of these rows (see
         _lock), reads all chain heads in one query, and links each chain's new rows in the
         verifier's order. Rows whose key already exists (redelivery) are left out: they
-        are not written.
+        are not written. Without ``look_for_existing`` every row is taken as new: for a
+        write that fails as a whole if any key exists (COPY straight into the table),
+        whose caller links again, looking, when it does.
         """
         rows = {i: records[i].values for i in indexes}
         busy = self._lock(conn, sorted({str(v["correlation_id"]) for v in rows.values()}))
@@ -203,17 +239,21 @@ class Chainer:
         # Both shaped as one index lookup per value (a LATERAL ... LIMIT 1 per chain, = ANY
         # on the key), whatever the table's statistics say: a plan from stale statistics
         # (a bulk load not analyzed yet) scanned every partition, 50 us per row.
-        for kind, c, h, ts, eid, day in conn.execute(text(
+        heads_sql = (
             "SELECT 'head', c, h.event_hash, h.event_timestamp, h.event_id::text, NULL "
             "FROM unnest(CAST(:c AS text[])) AS c, LATERAL (SELECT event_hash, "
             "event_timestamp, event_id FROM audit_events WHERE correlation_id = c "
             "AND event_hash IS NOT NULL ORDER BY event_timestamp DESC, event_id DESC "
-            "LIMIT 1) AS h "
-            "UNION ALL SELECT 'key', NULL, NULL, NULL, event_id::text, event_date "
-            "FROM audit_events WHERE event_id = ANY(CAST(:ids AS uuid[])) "
-            "AND event_date = ANY(CAST(:dates AS date[]))"),
-            {"c": correlations, "ids": [str(v["event_id"]) for v in rows.values()],
-             "dates": sorted({v["event_date"] for v in rows.values()})}).all():
+            "LIMIT 1) AS h")
+        params: dict[str, Any] = {"c": correlations}
+        if look_for_existing:
+            heads_sql += (
+                " UNION ALL SELECT 'key', NULL, NULL, NULL, event_id::text, event_date "
+                "FROM audit_events WHERE event_id = ANY(CAST(:ids AS uuid[])) "
+                "AND event_date = ANY(CAST(:dates AS date[]))")
+            params.update(ids=[str(v["event_id"]) for v in rows.values()],
+                          dates=sorted({v["event_date"] for v in rows.values()}))
+        for kind, c, h, ts, eid, day in conn.execute(text(heads_sql), params).all():
             if kind == "head":
                 heads[c] = (h, ts, eid.lower())
             else:
@@ -256,11 +296,16 @@ class Chainer:
         for ``busy_for`` it is only tried.
         """
         savepoint = conn.begin_nested()
-        got = conn.execute(text(
-            "SELECT c, pg_try_advisory_xact_lock(audit_event_lock_id(c)) FROM "
-            "(SELECT c FROM unnest(CAST(:c AS text[])) AS c ORDER BY c) AS s"),
-            {"c": correlations}).all()
-        if all(locked for _, locked in got):
+        if self.local_lock_ids:
+            got = conn.execute(text(
+                "SELECT bool_and(pg_try_advisory_xact_lock(k)) "
+                "FROM unnest(CAST(:k AS bigint[])) AS k"),
+                {"k": [lock_id(c) for c in correlations]}).scalar()
+        else:
+            got = conn.execute(text(
+                "SELECT bool_and(pg_try_advisory_xact_lock(audit_event_lock_id(c))) "
+                "FROM unnest(CAST(:c AS text[])) AS c"), {"c": correlations}).scalar()
+        if got or not correlations:
             savepoint.commit()
             for cid in correlations:
                 self._busy_until.pop(cid, None)
@@ -311,10 +356,11 @@ class Chainer:
         views = {}
         marshalled = {}
         for i in indexes:
-            view = stored_view(rows[i], rows[i]["event_data"], printed.get(i))
+            view, is_plain = _stored_view(rows[i], rows[i]["event_data"], printed.get(i))
             try:
                 data = view["event_data"]
-                marshalled[i] = "null" if data is None else gojson.dumps_unmarshalled(data)
+                marshalled[i] = "null" if data is None else gojson.dumps_unmarshalled(
+                    data, known_plain=is_plain)
             except ValueError:
                 continue  # a number beyond float64: the verifier could not read it either
             views[i] = view

@@ -240,19 +240,20 @@ class Sink:
         """COPY the rows straight into the table under a savepoint: one pass, every row
         new (the usual case). If a key exists already (a redelivery, a reused ID), roll
         back to the savepoint and take the staging path, which tells each row's outcome."""
-        rows, indexes = self._rows(conn, table, records, indexes, result)
+        direct = self._direct_copy_allowed()
+        # COPY straight into the table fails whole if any key exists: its rows are linked
+        # into their chains as all new, and linked again, looking, if it fails.
+        rows, indexes = self._rows(conn, table, records, indexes, result,
+                                   look_for_existing=not direct)
         if not rows:
             return
         columns = list(rows[0])
         names = ", ".join(columns)
-        try:
-            data = pgcopy.encode_text(rows, columns)
-        except UNENCODABLE as exc:
-            raise unencodable(type(exc).__name__) from exc
+        data = _encoded(rows, columns)
         cursor = None
         try:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            if self._direct_copy_allowed():
+            if direct:
                 cursor.execute("SAVEPOINT dlq_direct")
                 try:
                     cursor.copy_expert(f"COPY {table} ({names}) FROM STDIN", io.StringIO(data))
@@ -260,6 +261,13 @@ class Sink:
                     cursor.execute("ROLLBACK TO SAVEPOINT dlq_direct")
                     # Redeliveries come in runs (a restart, a claim): stage for a while.
                     self._direct_off_until = time.monotonic() + self.direct_pause_seconds
+                    if table == AUDIT_EVENTS and self._chain is not None:
+                        # linked as all new: again, leaving out the keys that exist (the
+                        # chains' locks are still held: taken again at once)
+                        rows, indexes = self._rows(conn, table, records, indexes, result)
+                        if not rows:
+                            return
+                        data = _encoded(rows, columns)
                 else:
                     for i in indexes:
                         result.outcomes[i] = Outcome.WRITTEN
@@ -325,7 +333,7 @@ class Sink:
         _mark(records, indexes, [tuple(str(v) for v in row) for row in returned], result)
 
     def _rows(self, conn: Connection, table: str, records: Sequence[Record],
-              indexes: Sequence[int], result: WriteResult,
+              indexes: Sequence[int], result: WriteResult, *, look_for_existing: bool = True,
               ) -> tuple[list[dict[str, Any]], Sequence[int]]:
         """The rows to insert and whose they are: the records' values, and with the hash
         chain on, each audit_events row linked into its chain (or left unhashed when late);
@@ -335,7 +343,8 @@ class Sink:
             return [records[i].values for i in indexes], indexes
         for i in indexes:  # a write done again links again
             result.chained.pop(i, None)
-        links, late, deferred = chainer.link(conn, records, indexes)
+        links, late, deferred = chainer.link(conn, records, indexes,
+                                             look_for_existing=look_for_existing)
         for i in deferred:
             result.outcomes[i] = Outcome.DEFERRED
         if deferred:
@@ -368,7 +377,8 @@ class Sink:
                      extra={"event": "hash_chain", "mode": mode,
                             "schema_has_chain": supported})
         self._chain = None if mode == "off" else chain.Chainer(
-            chain.HMAC if mode == "hmac" else chain.SHA256, key if mode == "hmac" else None)
+            chain.HMAC if mode == "hmac" else chain.SHA256, key if mode == "hmac" else None,
+            local_lock_ids=chain.lock_ids_agree(conn))
         self._chain_decided = True
         return self._chain
 
@@ -478,6 +488,13 @@ class Sink:
 
 #: How often a write is redone because a row it linked into a chain was not stored.
 _RELINKS = 3
+
+
+def _encoded(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    try:
+        return pgcopy.encode_text(rows, columns)
+    except UNENCODABLE as exc:
+        raise unencodable(type(exc).__name__) from exc
 
 
 def _passes(records: Sequence[Record], indexes: Sequence[int]) -> list[list[int]]:

@@ -173,3 +173,81 @@ def test_an_on_time_event_is_hashed_when_another_replica_holds_an_older_one(
     assert _unhashed(bed, "split") == 0
     assert _tampered(bed, "split") == []
     assert b.metric("dlq_worker_entries_deferred_total", stream=EVENTS) >= 1
+
+
+def test_a_redelivered_batch_on_the_direct_path_links_only_its_new_rows(bed: Bed) -> None:
+    # Given a chain with two stored events, written through a sink that COPYs straight
+    # into the table (which links its rows without looking for existing keys)
+    old = [_event(bed, "again", 1), _event(bed, "again", 2)]
+    sink = _sink(bed)
+    try:
+        assert sink.write(_records(old)).outcomes == [Outcome.WRITTEN] * 2
+        # When a batch holding both again, between new events of the chain, is written
+        # by a fresh sink (the direct path is open: no key met yet)
+        new = [_event(bed, "again", 3), _event(bed, "again", 4)]
+        fresh = _sink(bed)
+        try:
+            result = fresh.write(_records([new[0], *old, new[1]]))
+        finally:
+            fresh.close()
+    finally:
+        sink.close()
+
+    # Then the stored ones are duplicates, the new ones are written and linked, and the
+    # chain verifies: no link points at a row that was never stored
+    assert result.outcomes == [Outcome.WRITTEN, Outcome.DUPLICATE, Outcome.DUPLICATE,
+                               Outcome.WRITTEN]
+    assert result.chained == {0: True, 3: True}
+    assert bed.count("audit_events") == 4
+    assert _tampered(bed, "again") == []
+    assert _unhashed(bed, "again") == 0
+
+
+def test_chain_locks_are_keyed_as_the_databases_own_function_keys_them(bed: Bed) -> None:
+    # Given the lock function db init installs (the platform migration's definition)
+    with bed.engine.connect() as conn:
+        # Then the keys computed here are the ones it gives, for any text
+        assert chain.lock_ids_agree(conn)
+        for cid in ("rr-2026-000042", "ünïcode-😀", "x" * 255):
+            assert conn.execute(text("SELECT audit_event_lock_id(:c)"),
+                                {"c": cid}).scalar_one() == chain.lock_id(cid)
+        conn.rollback()
+        # And a database whose function keys chains otherwise is seen to differ: its own
+        # function is called then
+        with conn.begin():
+            conn.execute(text(
+                "CREATE OR REPLACE FUNCTION audit_event_lock_id(correlation_id_param TEXT) "
+                "RETURNS BIGINT AS $$ SELECT hashtext(correlation_id_param)::bigint $$ "
+                "LANGUAGE sql IMMUTABLE"))
+            assert not chain.lock_ids_agree(conn)
+            sink = _sink(bed)
+            try:
+                assert sink._chainer(conn) is not None
+                assert sink._chain is not None and not sink._chain.local_lock_ids
+            finally:
+                sink.close()
+            conn.rollback()
+
+
+def test_a_batch_holds_the_lock_the_platform_takes_for_each_of_its_chains(bed: Bed) -> None:
+    # Given a batch being written, its chains' locks held by its open transaction
+    events = [_event(bed, f"held-{i}", i) for i in range(3)]
+    sink = _sink(bed)
+    with bed.engine.connect() as conn:
+        tx = conn.begin()
+        try:
+            chainer = sink._chainer(conn)
+            assert chainer is not None and chainer.local_lock_ids
+            records = _records(events)
+            chainer.link(conn, records, [0, 1, 2])
+            # Then the platform's own lock call for each chain, from another session,
+            # finds it taken
+            with bed.engine.connect() as other:
+                for e in events:
+                    assert other.execute(text(
+                        "SELECT pg_try_advisory_xact_lock(audit_event_lock_id(:c))"),
+                        {"c": e["correlation_id"]}).scalar_one() is False
+                other.rollback()
+        finally:
+            tx.rollback()
+            sink.close()
