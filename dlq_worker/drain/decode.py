@@ -34,7 +34,6 @@ _RFC3339 = re.compile(
     r"([Zz]|[+-]\d{2}:\d{2})$"
 )
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
-_NUL_ESCAPE = re.compile(rb"\\u0000")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 #: PostgreSQL's numeric (what jsonb stores numbers as) holds up to 131072 digits before
@@ -268,11 +267,13 @@ def _parse(fields: Mapping[bytes, bytes], *, exact: bool = False,
     # A NUL can only be in JSON text as an escape; without one in the text parsed at each
     # level (the envelope, and a payload sent as a JSON string, whose own escapes may be
     # escaped in the envelope: \u005cu0000), no value holds it.
-    if _NUL_ESCAPE.search(raw) or (payload_text is not None and "\\u0000" in payload_text):
+    if b"\\u0000" in raw or (payload_text is not None and "\\u0000" in payload_text):
         check_pg_safe(payload, "payload")
-    if not exact and any(type(v) is dict and holds_float(v) for v in (
-            payload.get("event_data"), payload.get("event_metadata"))):
-        return _parse(fields, exact=True)
+    if not exact:
+        data, metadata = payload.get("event_data"), payload.get("event_metadata")
+        if ((type(data) is dict and holds_float(data))
+                or (type(metadata) is dict and holds_float(metadata))):
+            return _parse(fields, exact=True)
     return doc, payload
 
 
@@ -475,7 +476,7 @@ def _json_object(p: Mapping[str, Any], name: str, *, required: bool = False) -> 
         raise DecodeError(f"{name}: base64 does not hold JSON", reason="bad_json") from None
     if type(doc) is not dict:
         raise DecodeError(f"{name}: JSON is not an object", reason="bad_json")
-    if _NUL_ESCAPE.search(raw):
+    if b"\\u0000" in raw:
         check_pg_safe(doc, name)
     # The producer's own text goes to PostgreSQL: valid JSON (just parsed), valid UTF-8
     # (orjson and the exact parser both refuse anything else), every digit as written,

@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -387,17 +388,23 @@ class Flusher:
         ack = list(batch.ack)
         failed = list(batch.failed)
         if result is not None:
+            written: Counter[tuple[str, str]] = Counter()
+            duplicates: Counter[str] = Counter()
             for index, (entry, outcome) in enumerate(
                 zip(batch.record_entries, result.outcomes, strict=True)
             ):
                 if outcome is Outcome.WRITTEN:
-                    self.metrics.written.labels(entry.stream, batch.records[index].table).inc()
+                    written[(entry.stream, batch.records[index].table)] += 1
                     ack.append(entry)
                 elif outcome is Outcome.DUPLICATE:
-                    self.metrics.duplicates.labels(entry.stream).inc()
+                    duplicates[entry.stream] += 1
                     ack.append(entry)
                 elif outcome is Outcome.DEFERRED:
                     self._defer(entry, batch.records[index])
+            for (stream, table), n in written.items():
+                self.metrics.written.labels(stream, table).inc(n)
+            for stream, n in duplicates.items():
+                self.metrics.duplicates.labels(stream).inc(n)
             if result.partitions_created:
                 self.metrics.partitions_created.inc(len(result.partitions_created))
             self._count_chain(batch, result)
@@ -442,16 +449,19 @@ class Flusher:
 
     def _count_chain(self, batch: Batch, result: WriteResult) -> None:
         late: dict[str, set[str]] = {}
+        linked_in: Counter[str] = Counter()
         for i, linked in result.chained.items():
             if result.outcomes[i] is not Outcome.WRITTEN:
                 continue
             entry = batch.record_entries[i]
             if linked:
-                self.metrics.chain_linked.labels(entry.stream).inc()
+                linked_in[entry.stream] += 1
             else:
-                self.metrics.chain_late.labels(entry.stream).inc()
                 late.setdefault(entry.stream, set()).add(
                     str(batch.records[i].correlation_id))
+                self.metrics.chain_late.labels(entry.stream).inc()
+        for stream, n in linked_in.items():
+            self.metrics.chain_linked.labels(stream).inc(n)
         for stream, correlations in late.items():
             log.warning("events older than the head of their hash chain written unhashed",
                         extra={"event": "chain_late", "stream": stream,

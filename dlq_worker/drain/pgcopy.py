@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import operator
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -64,10 +65,13 @@ def encode_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> st
     (one backslash is each NULL's, one tab each separator's)."""
     convert = _CONVERT
     separators = len(columns) - 1
+    # (itemgetter gives a tuple for two or more names, the value itself for one)
+    pick = operator.itemgetter(*columns) if len(columns) > 1 else (
+        lambda row: tuple(row[c] for c in columns))
     lines = []
     try:
         for row in rows:
-            values = [row[c] for c in columns]
+            values = pick(row)
             line = "\t".join([v if type(v) is str else "\\N" if v is None
                                else convert[type(v)](v) for v in values])
             if ("\n" in line or "\r" in line or line.count("\t") != separators

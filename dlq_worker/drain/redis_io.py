@@ -88,16 +88,19 @@ def make_client(config: RedisConfig, *, block_seconds: float = 0.0) -> redis.Red
         health_check_interval=30,
         retry=Retry(NoBackoff(), 0),
         client_name="dlq-worker",
+        # The replies as the worker reads them (redis-py 8 would negotiate RESP3 otherwise).
+        protocol=2,
         **kwargs,
     )
     if config.sentinels:
         # redis-py asks the sentinels for the master at every new connection and drops its
         # connections when the master it knew turns read-only: a failover is followed by
         # the loop's own retries. The sentinels speak TLS too when the data nodes do.
-        sentinel = Sentinel(config.sentinel_addrs, sentinel_kwargs={  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(config.sentinel_addrs, sentinel_kwargs={  # type: ignore[no-untyped-call,unused-ignore]
             "socket_timeout": float(config.socket_timeout),
-            "socket_connect_timeout": float(config.socket_timeout), **kwargs})
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            "socket_connect_timeout": float(config.socket_timeout), "protocol": 2,
+            **kwargs})
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
             config.master_name, **common)
         return master
     return redis.Redis(host=config.host, port=config.port, **common)

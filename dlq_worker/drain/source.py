@@ -232,7 +232,12 @@ class Source:
         for stream_name, rows in reply or []:
             stream = _text(stream_name)
             for raw_id, flat in rows:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                if not flat:
+                    fields = {}
+                elif len(flat) == 2:  # one field: what producers write
+                    fields = {flat[0]: flat[1]}
+                else:
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True))
                 entries.append(Entry(stream, _text(raw_id), fields))
         return entries
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -341,15 +342,19 @@ class Worker:
         return self.source.read({s: ">" for s in self.streams}, count, block, budget)
 
     def _take(self, entries: list[Entry]) -> None:
+        taken: Counter[str] = Counter()
+        in_hand, holding = self._in_hand, self.flusher.holding
         for entry in entries:
             key = (entry.stream, entry.id)
-            if key in self._in_hand or key in self.flusher.holding:
+            if key in in_hand or key in holding:
                 continue
-            if not self._in_hand:
+            if not in_hand:
                 self._first_at = self.clock()
-            self._in_hand[key] = entry
+            in_hand[key] = entry
             self._bytes_in_hand += entry.size
-            self.metrics.read.labels(entry.stream).inc()
+            taken[entry.stream] += 1
+        for stream, n in taken.items():  # counted once a read, not once an entry
+            self.metrics.read.labels(stream).inc(n)
 
     # -- housekeeping: discovery, crashed consumers, rejected entries --
 
