@@ -256,7 +256,7 @@ class Sink:
             if direct:
                 cursor.execute("SAVEPOINT dlq_direct")
                 try:
-                    cursor.copy_expert(f"COPY {table} ({names}) FROM STDIN", io.StringIO(data))
+                    _copy(cursor, f"COPY {table} ({names}) FROM STDIN", data)
                 except psycopg2.errors.UniqueViolation:
                     cursor.execute("ROLLBACK TO SAVEPOINT dlq_direct")
                     # Redeliveries come in runs (a restart, a claim): stage for a while.
@@ -298,7 +298,7 @@ class Sink:
         keys = ", ".join(CONFLICT_KEYS[table])
         cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS "
                        f"AS SELECT {names} FROM {table} WITH NO DATA")
-        cursor.copy_expert(f"COPY {stage} ({names}) FROM STDIN", io.StringIO(data))
+        _copy(cursor, f"COPY {stage} ({names}) FROM STDIN", data)
         # The conflict target is the record's own key: a row any other unique constraint
         # refuses (a lagging id sequence) is an error with its reason, never a silent skip.
         cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} "
@@ -488,6 +488,13 @@ class Sink:
 
 #: How often a write is redone because a row it linked into a chain was not stored.
 _RELINKS = 3
+
+
+def _copy(cursor: Any, statement: str, data: str) -> None:
+    """COPY the text in one piece: psycopg2 reads its file in chunks of ``size`` (8 KiB
+    by default, some 60 for a batch of 500 rows), and gives the interpreter lock away
+    and waits to have it back for each one, while the loop thread decodes."""
+    cursor.copy_expert(statement, io.StringIO(data), size=max(8192, len(data)))
 
 
 def _encoded(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
