@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlq_worker import producer
+from dlq_worker.drain import decode as decode_mod
 from dlq_worker.drain.decode import (
     AUDIT_EVENTS,
     MAX_ENVELOPE_BYTES,
@@ -304,3 +305,87 @@ def test_an_integer_field_of_five_thousand_digits_is_refused_at_decode() -> None
 def test_a_timestamp_followed_by_a_line_break_parses_as_before() -> None:
     assert parse_timestamp("2026-08-22T18:08:55.5Z\n", "t") == dt.datetime(
         2026, 8, 22, 18, 8, 55, 500000, tzinfo=dt.UTC)
+
+
+# -- the one-pass decoder for producers' usual envelopes, against the field-by-field one --
+
+def _field_by_field(message: bytes) -> Record | str:
+    """The general decoder alone (its record, or its error's reason and text)."""
+    try:
+        return decode_mod._decode_audit_event(decode_mod._parse(entry(message))[1])
+    except DecodeError as exc:
+        return f"{exc.reason}: {exc}"
+
+
+def _either(message: bytes) -> Record | str:
+    try:
+        return decode_entry(AUDIT_EVENTS, entry(message))
+    except DecodeError as exc:
+        return f"{exc.reason}: {exc}"
+
+
+def _same(a: Record | str, b: Record | str) -> None:
+    assert a == b
+    if isinstance(a, Record) and isinstance(b, Record):
+        assert list(a.values) == list(b.values)  # the same columns, in the same order
+        for name in ("event_data", "event_metadata"):
+            x, y = a.values[name], b.values[name]
+            assert (x is None and y is None) or x.text == y.text  # the same text to store
+        assert {k: type(v) for k, v in a.values.items()} == {
+            k: type(v) for k, v in b.values.items()}
+
+
+#: Values a field may hold instead of its own: wrong types, edge numbers, odd text.
+_ODD = st.sampled_from([
+    None, "", "x", 0, -1, 1.0, 2.5, 2**63, -(2**63) - 1, 2**64, 10**30, True, False, [], {},
+    "not-a-uuid", "6F9619FF-8B86-D011-B42D-00C04FC964FF", "{6f9619ff-8b86-d011-b42d-00c04fc964ff}",
+    "2026-13-01T00:00:00Z", "2026-01-01", "2026-01-01T00:00:00.123456789Z",
+    "2026-01-01T00:00:00+02:00", "2026-01-01 00:00:00Z", "eyJhIjoxfQ==", "eyJhIjoxfQ", "W10=",
+    "bnVsbA==", "e30=", "!!", "é", "x<y>&z", "\u2028", "tab\there", "line\nbreak"])
+_FIELDS = ["event_id", "event_timestamp", "event_type", "actor_id", "correlation_id",
+           "event_data", "event_metadata", "retention_days", "duration_ms", "is_sensitive",
+           "version", "parent_event_id", "parent_event_date", "actor_ip", "severity"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.integers(0, 2**32), st.booleans(),
+       st.dictionaries(st.sampled_from(_FIELDS), _ODD, max_size=3),
+       st.lists(st.sampled_from(_FIELDS), max_size=2))
+def test_the_one_pass_decoder_gives_what_the_field_by_field_one_gives(
+        seed: int, full: bool, changed: dict[str, Any], dropped: list[str]) -> None:
+    # Given a producer's audit event, with some fields of other types or values, or gone
+    record = samples.audit_event(random.Random(seed), full=full)
+    for name in dropped:
+        record.pop(name, None)
+    message = producer.build_message(producer.AUDIT_EVENT, {**record, **changed})
+    # Then both decoders give the same record, or the same error and reason
+    _same(_either(message), _field_by_field(message))
+
+
+@pytest.mark.parametrize("text", [
+    b'{"payload":{"event_id":"1","a":1e999}}', b'\xef\xbb\xbf{"payload":{}}',
+    b'{"payload":{}}', b'{"payload":"{}"}', b"[]", b"{}", b'{"payload":null}',
+    b'{"payload":{"event_data":"e30="},"payload":1}'])
+def test_envelopes_that_are_not_the_usual_shape_decide_alike(text: bytes) -> None:
+    _same(_either(text), _field_by_field(text))
+
+
+def test_duplicate_keys_and_unknown_fields_decide_alike() -> None:
+    record = samples.audit_event(random.Random(5), full=True)
+    message = producer.build_message(producer.AUDIT_EVENT, record)
+    # the last of a duplicated key counts (as in JSON parsers generally); unknown fields,
+    # however deep or odd, are ignored
+    doubled = message.replace(b'"retention_days":2555', b'"retention_days":1,"retention_days":7')
+    deep = message.replace(b'"payload":{', b'"payload":{"x":' + b"[" * 300 + b"]" * 300 + b",")
+    for text in (doubled, deep):
+        assert text != message
+        _same(_either(text), _field_by_field(text))
+    assert decode_entry(AUDIT_EVENTS, entry(doubled)).values["retention_days"] == 7
+
+
+def test_usual_envelopes_take_the_one_pass_decoder() -> None:
+    # (else its speed is never had: every sample a producer writes qualifies)
+    for seed in range(50):
+        message = producer.build_message(producer.AUDIT_EVENT, samples.audit_event(
+            random.Random(seed), full=seed % 2 == 0))
+        assert decode_mod._audit_event_at_once(message) is not None
