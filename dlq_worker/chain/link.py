@@ -343,13 +343,17 @@ class Chainer:
     def _stored(self, conn: Connection, rows: Mapping[int, Mapping[str, Any]],
                 indexes: Sequence[int]) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
         """The rows as they will read back. inet is printed by PostgreSQL itself (one query,
-        for the rows that have one: 10.0.0.1/32 reads back as 10.0.0.1). event_data needs
+        for the rows whose address is not in canonical IPv4 form), as the verifier reads it
+        (the text of the inet: 10.0.0.1 reads back as 10.0.0.1/32). event_data needs
         no round trip: jsonb keeps every digit and the last of duplicate keys, as the
         decoder does, so its float64 view is the same from either side."""
         addresses = {i: rows[i]["actor_ip"] for i in indexes if rows[i].get("actor_ip")}
-        printed: dict[int, str] = {}
+        # an IPv4 address in canonical dotted form reads back as itself with its host
+        # mask (10.0.0.1 as 10.0.0.1/32): only the others are asked about
+        printed = {i: ip + "/32" for i, ip in addresses.items() if _canonical_ipv4(ip)}
+        addresses = {i: ip for i, ip in addresses.items() if i not in printed}
         if addresses:
-            printed = {int(o): str(ip) for o, ip in conn.execute(text(
+            printed |= {int(o): str(ip) for o, ip in conn.execute(text(
                 "SELECT o, CAST(ip AS inet)::text FROM unnest(CAST(:o AS int[]), "
                 "CAST(:ip AS text[])) AS a(o, ip)"),
                 {"o": list(addresses), "ip": list(addresses.values())}).all()}
@@ -365,6 +369,15 @@ class Chainer:
                 continue  # a number beyond float64: the verifier could not read it either
             views[i] = view
         return views, marshalled
+
+
+def _canonical_ipv4(text: str) -> bool:
+    """Four decimal octets without leading zeros (PostgreSQL reads ``010.1.2.3`` too, as
+    10.1.2.3: such text is left for it to print)."""
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        p.isascii() and p.isdigit() and len(p) <= 3 and int(p) <= 255
+        and (p == "0" or p[0] != "0") for p in parts)
 
 
 def schema_supports_chain(conn: Connection) -> bool:

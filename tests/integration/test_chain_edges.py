@@ -15,6 +15,7 @@ from sqlalchemy import insert, text
 
 from dlq_worker import chain, producer
 from dlq_worker import config as config_mod
+from dlq_worker.chain import link
 from dlq_worker.drain.decode import decode_entry
 from dlq_worker.drain.schema import TABLES
 from dlq_worker.drain.sink import Outcome, Sink
@@ -251,3 +252,24 @@ def test_a_batch_holds_the_lock_the_platform_takes_for_each_of_its_chains(bed: B
         finally:
             tx.rollback()
             sink.close()
+
+
+def test_an_actor_ip_is_hashed_as_the_text_postgresql_gives_back(bed: Bed) -> None:
+    # Given audit events whose actor_ip is written in the forms a producer may send
+    addresses = ["10.0.0.1", "192.168.1.255", "0.0.0.0", "255.255.255.255", "8.8.8.8",
+                 "010.1.2.3", "10.0.0.1/32", "10.0.0.0/8", "::1", "2001:DB8::1",
+                 "::ffff:10.0.0.1", "fe80::1/64"]
+    events = [_event(bed, f"ip-{i}", i, actor_ip=a) for i, a in enumerate(addresses)]
+    sink = _sink(bed)
+    try:
+        # When they are linked into their chains and written
+        result = sink.write(_records(events))
+    finally:
+        sink.close()
+    # Then each hash is of the row as the verifier reads it back (actor_ip::text), those
+    # PostgreSQL was not asked to print included
+    assert result.outcomes == [Outcome.WRITTEN] * len(addresses)
+    assert result.chained == dict.fromkeys(range(len(addresses)), True)
+    assert _tampered(bed, *(e["correlation_id"] for e in events)) == []
+    assert all(link._canonical_ipv4(a) for a in addresses[:5])
+    assert not any(link._canonical_ipv4(a) for a in addresses[5:])
