@@ -62,10 +62,20 @@ _LOCK_PROBES = ("rr-2026-000001", "corrélation-é-ü", "\U0001f600-chain", "")
 def lock_ids_agree(conn: Connection) -> bool:
     """Whether the target's ``audit_event_lock_id()`` gives what ``lock_id`` computes (the
     platform's migration and ``db init`` define it so; a database with another definition,
-    or another encoding, keeps having its own function called)."""
-    got = conn.execute(text(
-        "SELECT audit_event_lock_id(c) FROM unnest(CAST(:c AS text[])) WITH ORDINALITY "
-        "AS p(c, o) ORDER BY o"), {"c": list(_LOCK_PROBES)}).scalars().all()
+    or another encoding, keeps having its own function called). Asked under a savepoint:
+    a probe the database cannot even take (text its encoding lacks) is a no."""
+    savepoint = conn.begin_nested()
+    try:
+        got = conn.execute(text(
+            "SELECT audit_event_lock_id(c) FROM unnest(CAST(:c AS text[])) WITH ORDINALITY "
+            "AS p(c, o) ORDER BY o"), {"c": list(_LOCK_PROBES)}).scalars().all()
+    except (sa_exc.DBAPIError, UnicodeEncodeError) as exc:
+        # (psycopg2 encodes the probes in the connection's encoding before sending them)
+        if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+            raise  # the database is gone, not in disagreement
+        savepoint.rollback()
+        return False
+    savepoint.commit()
     return [int(v) for v in got] == [lock_id(c) for c in _LOCK_PROBES]
 
 
@@ -207,9 +217,13 @@ class Chainer:
     #: waited on) for this long: a frozen writer costs one wait, not one per batch.
     busy_for: float = 10.0
     clock: Callable[[], float] = time.monotonic
-    #: The database's lock function agrees with ``lock_id``: the batch's locks are tried
-    #: by their bigint keys, computed here, instead of calling it once per chain.
-    local_lock_ids: bool = False
+    #: Whether the database's lock function agrees with ``lock_id`` (None: not asked yet):
+    #: then the chains' locks are taken by their bigint keys, computed here, instead of
+    #: calling it once per chain. Asked again every ``lock_ids_recheck`` seconds, so a
+    #: function the platform redefines is followed within that.
+    local_lock_ids: bool | None = None
+    lock_ids_recheck: float = 300.0
+    _lock_ids_at: float = float("-inf")
     _busy_until: dict[str, float] = field(default_factory=dict)
 
     def link(self, conn: Connection, records: Sequence[Record], indexes: Sequence[int],
@@ -295,6 +309,10 @@ class Chainer:
         write) is busy: its rows wait for a later batch while the rest are written, and
         for ``busy_for`` it is only tried.
         """
+        now = self.clock()
+        if now - self._lock_ids_at >= self.lock_ids_recheck:
+            self.local_lock_ids = lock_ids_agree(conn)
+            self._lock_ids_at = now
         savepoint = conn.begin_nested()
         if self.local_lock_ids:
             got = conn.execute(text(
@@ -314,16 +332,17 @@ class Chainer:
         now = self.clock()
         busy: set[str] = set()
         for cid in correlations:
+            key, params = (("CAST(:k AS bigint)", {"k": lock_id(cid)}) if self.local_lock_ids
+                           else ("audit_event_lock_id(:c)", {"c": cid}))
             if self._busy_until.get(cid, 0.0) > now:
                 # only tried: a try never waits, so it cannot close a cycle either
-                if not conn.execute(text("SELECT pg_try_advisory_xact_lock("
-                                         "audit_event_lock_id(:c))"), {"c": cid}).scalar():
+                if not conn.execute(text(f"SELECT pg_try_advisory_xact_lock({key})"),
+                                    params).scalar():
                     busy.add(cid)
                 continue
             savepoint = conn.begin_nested()
             try:
-                conn.execute(text("SELECT pg_advisory_xact_lock(audit_event_lock_id(:c))"),
-                             {"c": cid})
+                conn.execute(text(f"SELECT pg_advisory_xact_lock({key})"), params)
                 savepoint.commit()
                 self._busy_until.pop(cid, None)
             except sa_exc.DBAPIError as exc:

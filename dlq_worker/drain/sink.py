@@ -377,8 +377,7 @@ class Sink:
                      extra={"event": "hash_chain", "mode": mode,
                             "schema_has_chain": supported})
         self._chain = None if mode == "off" else chain.Chainer(
-            chain.HMAC if mode == "hmac" else chain.SHA256, key if mode == "hmac" else None,
-            local_lock_ids=chain.lock_ids_agree(conn))
+            chain.HMAC if mode == "hmac" else chain.SHA256, key if mode == "hmac" else None)
         self._chain_decided = True
         return self._chain
 

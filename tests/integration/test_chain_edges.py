@@ -11,7 +11,8 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import insert, text
+import psycopg2
+from sqlalchemy import create_engine, insert, text
 
 from dlq_worker import chain, producer
 from dlq_worker import config as config_mod
@@ -223,11 +224,43 @@ def test_chain_locks_are_keyed_as_the_databases_own_function_keys_them(bed: Bed)
             assert not chain.lock_ids_agree(conn)
             sink = _sink(bed)
             try:
-                assert sink._chainer(conn) is not None
-                assert sink._chain is not None and not sink._chain.local_lock_ids
+                chainer = sink._chainer(conn)
+                assert chainer is not None
+                assert chainer.lock(conn, ["a-chain"]) == set()
+                assert chainer.local_lock_ids is False
             finally:
                 sink.close()
             conn.rollback()
+
+
+def test_a_database_that_cannot_take_the_probes_text_keeps_its_own_lock_function(
+        bed: Bed) -> None:
+    # Given a LATIN1 database (it has no code for an emoji) with the lock function
+    name = f"{bed.dbname}_latin1"
+    admin = psycopg2.connect(host="127.0.0.1", port=bed.pg_port, user="postgres",
+                             dbname="postgres")
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 "
+                        "LC_COLLATE 'C' LC_CTYPE 'C'")
+        engine = create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{bed.pg_port}/{name}")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(chain.LOCK_ID_FUNCTION))
+                # Then asking whether it agrees is a no, not an error, and the
+                # transaction goes on: chains are locked through its function
+                assert chain.lock_ids_agree(conn) is False
+                chainer = chain.Chainer(chain.SHA256)
+                assert chainer.lock(conn, ["rr-2026-000001", "café"]) == set()
+                assert chainer.local_lock_ids is False
+                conn.rollback()
+        finally:
+            engine.dispose()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
 
 
 def test_a_batch_holds_the_lock_the_platform_takes_for_each_of_its_chains(bed: Bed) -> None:
@@ -238,9 +271,10 @@ def test_a_batch_holds_the_lock_the_platform_takes_for_each_of_its_chains(bed: B
         tx = conn.begin()
         try:
             chainer = sink._chainer(conn)
-            assert chainer is not None and chainer.local_lock_ids
+            assert chainer is not None
             records = _records(events)
             chainer.link(conn, records, [0, 1, 2])
+            assert chainer.local_lock_ids  # (asked at the first lock)
             # Then the platform's own lock call for each chain, from another session,
             # finds it taken
             with bed.engine.connect() as other:
@@ -273,3 +307,25 @@ def test_an_actor_ip_is_hashed_as_the_text_postgresql_gives_back(bed: Bed) -> No
     assert _tampered(bed, *(e["correlation_id"] for e in events)) == []
     assert all(link._canonical_ipv4(a) for a in addresses[:5])
     assert not any(link._canonical_ipv4(a) for a in addresses[5:])
+
+
+def test_a_lock_function_redefined_while_running_is_followed(bed: Bed) -> None:
+    # Given a chainer that found the database's lock function agreeing with its own keys
+    now = [1000.0]
+    chainer = chain.Chainer(chain.SHA256, clock=lambda: now[0])
+    with bed.engine.connect() as conn:
+        assert chainer.lock(conn, ["c"]) == set() and chainer.local_lock_ids is True
+        conn.rollback()
+        # When the function is redefined, and the recheck interval passes
+        with conn.begin():
+            conn.execute(text(
+                "CREATE OR REPLACE FUNCTION audit_event_lock_id(correlation_id_param TEXT) "
+                "RETURNS BIGINT AS $$ SELECT hashtext(correlation_id_param)::bigint $$ "
+                "LANGUAGE sql IMMUTABLE"))
+            assert chainer.lock(conn, ["c"]) == set()
+            assert chainer.local_lock_ids is True  # not asked again yet
+            now[0] += chainer.lock_ids_recheck
+            # Then the next batch's locks go through the database's function
+            assert chainer.lock(conn, ["c"]) == set()
+            assert chainer.local_lock_ids is False
+            conn.rollback()

@@ -376,8 +376,9 @@ def test_duplicate_keys_and_unknown_fields_decide_alike() -> None:
     # the last of a duplicated key counts (as in JSON parsers generally); unknown fields,
     # however deep or odd, are ignored
     doubled = message.replace(b'"retention_days":2555', b'"retention_days":1,"retention_days":7')
-    deep = message.replace(b'"payload":{', b'"payload":{"x":' + b"[" * 300 + b"]" * 300 + b",")
-    for text in (doubled, deep):
+    deeps = [message.replace(b'"payload":{', b'"payload":{"x":' + b"[" * n + b"]" * n + b",")
+             for n in (300, 1000, 1100, 3000)]
+    for text in (doubled, *deeps):
         assert text != message
         _same(_either(text), _field_by_field(text))
     assert decode_entry(AUDIT_EVENTS, entry(doubled)).values["retention_days"] == 7
