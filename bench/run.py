@@ -453,6 +453,41 @@ def throughput(s: Servers, batch: list[bytes], profile: bool = False,
         yield {"bench": "scale_out", "workers": workers, "hash_chain": "off", **drain}
 
 
+def compare_commits(s: Servers, revisions: list[str], batch: list[bytes], rounds: int,
+                    ) -> Iterator[dict[str, Any]]:
+    """What each change bought: the drain (hash chain off and on) run from a checkout of
+    each revision in turn, ``rounds`` times interleaved, with one strong ceiling a round,
+    all on the same servers and backlog (the machine's drift lands on every revision
+    alike). The worker process imports the checkout it is started in."""
+    root = Path(tempfile.mkdtemp(prefix="dlq-bench-commits-"))
+    here = Path.cwd()
+    trees = {}
+    try:
+        for rev in revisions:
+            tree = root / rev.replace("/", "_")
+            subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev],
+                           check=True)
+            trees[rev] = tree
+        for round_ in range(1, rounds + 1):
+            strong = bench_strong_ceiling(s, batch)["entries_per_second"]
+            yield {"bench": "strong_ceiling", "round": round_, "entries_per_second": strong}
+            for rev, tree in trees.items():
+                os.chdir(tree)
+                try:
+                    for mode in ("off", "sha256"):
+                        drain = bench_backlog(s, batch, database_hash_chain=mode)
+                        yield {"bench": "drain", "revision": rev, "round": round_,
+                               "hash_chain": mode, **drain,
+                               "vs_strong_ceiling": round(
+                                   drain["entries_per_second"] / strong, 3)}
+                finally:
+                    os.chdir(here)
+    finally:
+        for tree in trees.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="dlq-worker benchmark suite")
     parser.add_argument("--quick", action="store_true", help="smoke sizes, no soak (CI)")
@@ -475,10 +510,21 @@ def main() -> None:
                         help="only the CPU-per-entry comparison on one N-entry backlog: the "
                              "plain ceiling, the drain with the hash chain off and on, and "
                              "1, 2 and 3 worker processes")
+    parser.add_argument("--commits", metavar="REV,REV,...",
+                        help="only the drain, chain off and on, from a checkout of each of "
+                             "these revisions, interleaved (with --throughput N for the backlog "
+                             "size, default 30000, and --rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds for --commits")
     parser.add_argument("--takeover", type=int, metavar="N",
                         help="only SIGKILL-to-drained on an N-entry backlog, with and without "
                              "heartbeats")
     args = parser.parse_args()
+    if args.commits:
+        with servers() as s:
+            batch = workloads.messages(args.throughput or 30000)
+            for line in compare_commits(s, args.commits.split(","), batch, args.rounds):
+                print(json.dumps(line), flush=True)
+        return
     if args.takeover:
         with servers() as s:
             batch = workloads.messages(args.takeover)
