@@ -49,6 +49,14 @@ def _tampered(bed: Bed, *correlations: str) -> list[Any]:
         return [t for r in chain.verify(conn, list(correlations), None) for t in r.tampered]
 
 
+def _key_chains_otherwise(conn: Any) -> None:
+    """Redefine the database's lock function (in the caller's transaction)."""
+    conn.execute(text(
+        "CREATE OR REPLACE FUNCTION audit_event_lock_id(correlation_id_param TEXT) "
+        "RETURNS BIGINT AS $$ SELECT hashtext(correlation_id_param)::bigint $$ "
+        "LANGUAGE sql IMMUTABLE"))
+
+
 def _unhashed(bed: Bed, correlation: str) -> int:
     with bed.engine.connect() as conn:
         return int(conn.execute(text(
@@ -217,10 +225,7 @@ def test_chain_locks_are_keyed_as_the_databases_own_function_keys_them(bed: Bed)
         # And a database whose function keys chains otherwise is seen to differ: its own
         # function is called then
         with conn.begin():
-            conn.execute(text(
-                "CREATE OR REPLACE FUNCTION audit_event_lock_id(correlation_id_param TEXT) "
-                "RETURNS BIGINT AS $$ SELECT hashtext(correlation_id_param)::bigint $$ "
-                "LANGUAGE sql IMMUTABLE"))
+            _key_chains_otherwise(conn)
             assert not chain.lock_ids_agree(conn)
             sink = _sink(bed)
             try:
@@ -318,10 +323,7 @@ def test_a_lock_function_redefined_while_running_is_followed(bed: Bed) -> None:
         conn.rollback()
         # When the function is redefined, and the recheck interval passes
         with conn.begin():
-            conn.execute(text(
-                "CREATE OR REPLACE FUNCTION audit_event_lock_id(correlation_id_param TEXT) "
-                "RETURNS BIGINT AS $$ SELECT hashtext(correlation_id_param)::bigint $$ "
-                "LANGUAGE sql IMMUTABLE"))
+            _key_chains_otherwise(conn)
             assert chainer.lock(conn, ["c"]) == set()
             assert chainer.local_lock_ids is True  # not asked again yet
             now[0] += chainer.lock_ids_recheck
