@@ -42,6 +42,10 @@ _CONVERT: dict[type, Callable[[Any], str]] = {
 }
 
 
+#: The first, unescaped pass of ``encode_text``: the same, a jsonb value as its text.
+_AS_IS: dict[type, Callable[[Any], str]] = {**_CONVERT, Jsonb: operator.attrgetter("text")}
+
+
 def field(value: Any) -> str:
     """One value in COPY text format (``\\N`` for NULL)."""
     if value is None:
@@ -60,10 +64,12 @@ def encode(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> io.Stri
 def encode_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """The rows' ``columns`` as COPY text (tab-separated, one row a line).
 
-    Most rows need no escaping at all: a row is joined as it is, and escaped value by
-    value only if the joined line holds a line break, or a backslash or a tab of its own
-    (one backslash is each NULL's, one tab each separator's)."""
+    Most rows need no escaping at all: a row is joined as it is (a jsonb value's text
+    too), and escaped value by value only if the joined line holds a line break, or a
+    backslash or a tab of its own (one backslash is each NULL's, one tab each
+    separator's)."""
     convert = _CONVERT
+    as_is = _AS_IS
     separators = len(columns) - 1
     # (itemgetter gives a tuple for two or more names, the value itself for one)
     pick = operator.itemgetter(*columns) if len(columns) > 1 else (
@@ -73,7 +79,7 @@ def encode_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> st
         for row in rows:
             values = pick(row)
             line = "\t".join([v if type(v) is str else "\\N" if v is None
-                               else convert[type(v)](v) for v in values])
+                               else as_is[type(v)](v) for v in values])
             if ("\n" in line or "\r" in line or line.count("\t") != separators
                     or line.count("\\") != values.count(None)):
                 line = "\t".join(["\\N" if v is None else convert[type(v)](v)
