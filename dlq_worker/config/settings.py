@@ -159,7 +159,7 @@ class StreamsConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    batch_size: int = 500
+    batch_size: int = 1000
     #: A batch also flushes once its entries hold this many bytes: memory is bounded by
     #: bytes, not only by count (the contract allows 1 MiB envelopes).
     batch_max_bytes: int = 4 * 1024 * 1024
