@@ -117,9 +117,8 @@ def go_value(value: Any) -> Any:
 
 #: The largest integer a float64 holds exactly (Go prints such a float64 with its digits).
 _EXACT_INT = 2**53
-#: In orjson's output, what Go would have written otherwise: an escape of any kind, the
-#: HTML characters, U+2028 and U+2029.
-_GO_DIFFERS = (b"\\", b"<", b">", b"&", "\u2028".encode(), "\u2029".encode())
+#: U+2028 and U+2029 as orjson writes them (as they are), where Go escapes them.
+_LS, _PS = "\u2028".encode(), "\u2029".encode()
 
 
 def dumps_unmarshalled(value: Any, *, known_plain: bool = False) -> str:
@@ -132,7 +131,11 @@ def dumps_unmarshalled(value: Any, *, known_plain: bool = False) -> str:
     say so (it walks the whole value)."""
     if known_plain or plain(value):
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        if not any(mark in out for mark in _GO_DIFFERS):
+        # In orjson's output, what Go would have written otherwise: an escape of any
+        # kind, the HTML characters, U+2028 and U+2029 (spelled out: a generator over
+        # them cost a fifth of this function).
+        if not (b"\\" in out or b"<" in out or b">" in out or b"&" in out
+                or _LS in out or _PS in out):
             return out.decode()
     parts: list[str] = []
     _encode(go_value(value), parts)
