@@ -16,6 +16,7 @@ from dlq_worker.chain.link import (
     order_key,
     schema_supports_chain,
     stored_view,
+    with_hashed,
 )
 from dlq_worker.chain.verify import ChainReport, correlation_ids_since, verify
 
@@ -36,4 +37,5 @@ __all__ = [
     "schema_supports_chain",
     "stored_view",
     "verify",
+    "with_hashed",
 ]

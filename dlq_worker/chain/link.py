@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -197,6 +197,26 @@ def _as_stored(value: Any) -> Any:
     return value
 
 
+def with_hashed(record: Record) -> Record:
+    """The audit event with the bytes its link will hash (``hashed_json`` of the row as
+    it will read back), made without the database: for an ``actor_ip`` absent or in
+    canonical IPv4 form (the others are printed by PostgreSQL when linked) and
+    event_data within float64. Otherwise the record as it was."""
+    values = record.values
+    actor_ip = values.get("actor_ip")
+    if actor_ip and not _canonical_ipv4(actor_ip):
+        return record
+    view, is_plain = _stored_view(values, values["event_data"],
+                                  actor_ip + "/32" if actor_ip else None)
+    data = view["event_data"]
+    try:
+        marshalled = "null" if data is None else gojson.dumps_unmarshalled(
+            data, known_plain=is_plain)
+    except ValueError:
+        return record  # a number beyond float64: written unhashed (see Chainer._stored)
+    return replace(record, hashed=hashed_json(view, marshalled))
+
+
 def order_key(row: Mapping[str, Any]) -> tuple[dt.datetime, str]:
     """The verifier's walk order: event_timestamp, then event_id."""
     return (row["event_timestamp"], str(row["event_id"]).lower())
@@ -274,7 +294,7 @@ class Chainer:
                 existing.add((eid.lower(), day))
         new = [i for i, v in rows.items()
                if (str(v["event_id"]).lower(), v["event_date"]) not in existing]
-        stored, marshalled = self._stored(conn, rows, new)
+        stored, payloads = self._stored(conn, records, rows, new)
         links: dict[int, Link] = {}
         # A row the platform's Go verifier could not even read (event_data with a number
         # beyond float64) is written unhashed too, like a late one.
@@ -288,7 +308,7 @@ class Chainer:
                 late.append(i)  # older than the head: linking it would break the chain
                 continue
             previous = head[0] if head is not None else ""
-            digest = event_hash(previous, hashed_json(view, marshalled[i]), self.key)
+            digest = event_hash(previous, payloads[i], self.key)
             links[i] = Link(digest, previous, self.algorithm)
             heads[cid] = (digest, view["event_timestamp"], view["event_id"])
         return links, late, deferred
@@ -359,13 +379,25 @@ class Chainer:
                 del self._busy_until[cid]
         return busy
 
-    def _stored(self, conn: Connection, rows: Mapping[int, Mapping[str, Any]],
-                indexes: Sequence[int]) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-        """The rows as they will read back. inet is printed by PostgreSQL itself (one query,
-        for the rows whose address is not in canonical IPv4 form), as the verifier reads it
-        (the text of the inet: 10.0.0.1 reads back as 10.0.0.1/32). event_data needs
-        no round trip: jsonb keeps every digit and the last of duplicate keys, as the
-        decoder does, so its float64 view is the same from either side."""
+    def _stored(self, conn: Connection, records: Sequence[Record],
+                rows: Mapping[int, Mapping[str, Any]], indexes: Sequence[int],
+                ) -> tuple[dict[int, Mapping[str, Any]], dict[int, bytes]]:
+        """The rows as they will read back, and the bytes each one's link hashes (made
+        already for most: see ``with_hashed``). inet is printed by PostgreSQL itself (one
+        query, for the rows whose address is not in canonical IPv4 form), as the verifier
+        reads it (the text of the inet: 10.0.0.1 reads back as 10.0.0.1/32). event_data
+        needs no round trip: jsonb keeps every digit and the last of duplicate keys, as
+        the decoder does, so its float64 view is the same from either side."""
+        views: dict[int, Mapping[str, Any]] = {}
+        payloads: dict[int, bytes] = {}
+        for i in indexes:
+            hashed = records[i].hashed
+            if hashed is not None:
+                views[i] = rows[i]  # (its IDs are lower case already, its times the same)
+                payloads[i] = hashed
+        indexes = [i for i in indexes if i not in payloads]
+        if not indexes:
+            return views, payloads
         addresses = {i: rows[i]["actor_ip"] for i in indexes if rows[i].get("actor_ip")}
         # an IPv4 address in canonical dotted form reads back as itself with its host
         # mask (10.0.0.1 as 10.0.0.1/32): only the others are asked about
@@ -376,18 +408,17 @@ class Chainer:
                 "SELECT o, CAST(ip AS inet)::text FROM unnest(CAST(:o AS int[]), "
                 "CAST(:ip AS text[])) AS a(o, ip)"),
                 {"o": list(addresses), "ip": list(addresses.values())}).all()}
-        views = {}
-        marshalled = {}
         for i in indexes:
             view, is_plain = _stored_view(rows[i], rows[i]["event_data"], printed.get(i))
             try:
                 data = view["event_data"]
-                marshalled[i] = "null" if data is None else gojson.dumps_unmarshalled(
+                marshalled = "null" if data is None else gojson.dumps_unmarshalled(
                     data, known_plain=is_plain)
             except ValueError:
                 continue  # a number beyond float64: the verifier could not read it either
             views[i] = view
-        return views, marshalled
+            payloads[i] = hashed_json(view, marshalled)
+        return views, payloads
 
 
 def _canonical_ipv4(text: str) -> bool:

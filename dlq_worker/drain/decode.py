@@ -14,7 +14,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -194,6 +194,9 @@ class Record:
     values: dict[str, Any]
     correlation_id: str | None = None
     sensitive: bool = False
+    #: For an audit event, the bytes its hash chain link hashes (after the previous
+    #: hash), when they could be made without the database (see ``chain.with_hashed``).
+    hashed: bytes | None = field(default=None, compare=False, repr=False)
 
 
 def decode_entry(table: str, fields: Mapping[bytes, bytes]) -> Record:

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from dlq_worker import chain
 from dlq_worker.config import Config
 from dlq_worker.drain.decode import AUDIT_EVENTS, Record, decode_entry
 from dlq_worker.drain.policy import reject_delay
@@ -366,6 +367,9 @@ class Flusher:
 
     def prepare(self, entries: list[Entry]) -> Batch:
         batch = Batch(entries, self.clock())
+        # A linked event's hash input is made here, while the batch before is written: the
+        # writer, which holds its chains' locks meanwhile, is left the links themselves.
+        chaining = self.sink.chaining
         for entry in [e for e in entries if e.deleted]:
             # Pending, but its entry is gone from the stream: nothing left to write.
             batch.ack.append(entry)
@@ -374,7 +378,11 @@ class Flusher:
             if entry.deleted:
                 continue
             try:
-                batch.records.append(decode_entry(self.route(entry.stream), entry.fields))
+                record = decode_entry(self.route(entry.stream), entry.fields)
+                if chaining and record.table == AUDIT_EVENTS:
+                    with contextlib.suppress(Exception):  # else the writer makes it, and
+                        record = chain.with_hashed(record)  # contains what goes wrong
+                batch.records.append(record)
                 batch.record_entries.append(entry)
             except DecodeError as exc:
                 self.retry(lambda e=entry, x=exc: self.park(e, x))  # type: ignore[misc]
