@@ -118,7 +118,9 @@ def test_hash_input_made_before_the_write_is_the_writers(seed: int, full: bool,
     except DecodeError:
         assume(False)  # (a NUL in the generated text: parked, never linked)
     # When its hash input is made outside the writing transaction
-    made = chain.with_hashed(decoded).hashed
+    linked = chain.with_hashed(decoded)
+    made = linked.hashed
+    assert linked == decoded  # the same record otherwise, every field
     # Then it is made only where the database is not needed (an address PostgreSQL would
     # print otherwise, a number beyond float64), and then it is the writer's bytes
     canonical = actor_ip in (None, "10.0.0.1", "0.0.0.0")
