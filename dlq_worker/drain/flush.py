@@ -318,12 +318,13 @@ class Flusher:
                 cid = self._chain_of.get(key)
                 if cid is not None:
                     older.setdefault(key[0], []).append((_id_key(key[1]), cid, ours))
-        top: dict[str, str] = {}
+        top: dict[str, tuple[tuple[int, int], str]] = {}  # stream -> its highest ID
         for i in chained:
             entry = batch.record_entries[i]
-            if entry.stream not in top or _id_key(entry.id) > _id_key(top[entry.stream]):
-                top[entry.stream] = entry.id
-        for stream, below in top.items():
+            position = _id_key(entry.id)
+            if entry.stream not in top or position > top[entry.stream][0]:
+                top[entry.stream] = (position, entry.id)
+        for stream, (_, below) in top.items():
             try:
                 held = self.source.held_elsewhere(stream, below)
             except TransientError:

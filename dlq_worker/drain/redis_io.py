@@ -54,7 +54,8 @@ class Entry:
     @property
     def size(self) -> int:
         """Bytes of its field names and values: what holding it in memory costs, roughly."""
-        return sum(len(k) + len(v) for k, v in self.fields.items())
+        fields = self.fields
+        return sum(map(len, fields)) + sum(map(len, fields.values()))
 
     @property
     def first_failed_at(self) -> str:
