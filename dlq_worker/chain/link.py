@@ -226,6 +226,9 @@ def order_key(row: Mapping[str, Any]) -> tuple[dt.datetime, str]:
     return (row["event_timestamp"], str(row["event_id"]).lower())
 
 
+#: The savepoint the chains' locks are first tried under, all at once.
+_TRY_ALL = "dlq_chain_locks"
+
 #: PostgreSQL's answers to a lock wait that must end: lock_timeout, and the deadlock
 #: detector breaking a cycle.
 _LOCK_GAVE_UP = frozenset({"55P03", "40P01"})
@@ -264,12 +267,15 @@ class Chainer:
         whose caller links again, looking, when it does.
         """
         rows = {i: records[i].values for i in indexes}
-        busy = self._lock(conn, sorted({str(v["correlation_id"]) for v in rows.values()}))
+        if not rows:
+            return {}, [], []
+        busy, open_savepoint = self._lock(
+            conn, sorted({str(v["correlation_id"]) for v in rows.values()}), release=False)
         deferred = [i for i, v in rows.items() if str(v["correlation_id"]) in busy]
         for i in deferred:
             del rows[i]
         if not rows:
-            return {}, [], deferred
+            return {}, [], deferred  # (some were busy: the savepoint is released)
         correlations = sorted({str(v["correlation_id"]) for v in rows.values()})
         # One round trip: the chain heads, and which of these keys exist already.
         existing: set[tuple[str, Any]] = set()
@@ -278,6 +284,7 @@ class Chainer:
         # on the key), whatever the table's statistics say: a plan from stale statistics
         # (a bulk load not analyzed yet) scanned every partition, 50 us per row.
         heads_sql = (
+            (f"RELEASE SAVEPOINT {_TRY_ALL}; " if open_savepoint else "") +
             "SELECT 'head', c, h.event_hash, h.event_timestamp, h.event_id::text, NULL "
             "FROM unnest(CAST(:c AS text[])) AS c, LATERAL (SELECT event_hash, "
             "event_timestamp, event_id FROM audit_events WHERE correlation_id = c "
@@ -320,39 +327,46 @@ class Chainer:
     def lock(self, conn: Connection, correlations: Sequence[str]) -> set[str]:
         """Take the advisory lock of each chain for this transaction; the chains left busy.
         Taken again inside the transaction, a lock is had at once."""
-        return self._lock(conn, sorted(set(correlations)))
+        return self._lock(conn, sorted(set(correlations)))[0]
 
-    def _lock(self, conn: Connection, correlations: list[str]) -> set[str]:
-        """Lock each chain, in sorted order; the chains left busy.
+    def _lock(self, conn: Connection, correlations: list[str], *,
+              release: bool = True) -> tuple[set[str], bool]:
+        """Lock each chain, in sorted order: the chains left busy, and whether the
+        savepoint of the first try is still open (only with ``release=False``).
 
-        Every lock is first only tried, all at once. If one is held by another writer,
-        all are given back (a savepoint) and taken again one by one in sorted order,
-        each waited on for at most the session's lock_timeout: a writer that waits holds
-        no chain after the one it waits for, so writers never wait on each other in a
-        cycle. A chain still locked after that (a frozen replica in the middle of its
-        write) is busy: its rows wait for a later batch while the rest are written, and
-        for ``busy_for`` it is only tried.
+        Every lock is first only tried, all at once, under a savepoint set in the same
+        round trip. If all are had, the savepoint is released, or left open for the
+        caller to release with its next statement (``release=False``: each round trip
+        costs the writer a wait for the interpreter lock while the loop thread decodes).
+        If one is held by another writer, all are given back (the savepoint) and taken
+        again one by one in sorted order, each waited on for at most the session's
+        lock_timeout: a writer that waits holds no chain after the one it waits for, so
+        writers never wait on each other in a cycle. A chain still locked after that (a
+        frozen replica in the middle of its write) is busy: its rows wait for a later
+        batch while the rest are written, and for ``busy_for`` it is only tried.
         """
         now = self.clock()
         if now - self._lock_ids_at >= self.lock_ids_recheck:
             self.local_lock_ids = lock_ids_agree(conn)
             self._lock_ids_at = now
-        savepoint = conn.begin_nested()
         if self.local_lock_ids:
             got = conn.execute(text(
-                "SELECT bool_and(pg_try_advisory_xact_lock(k)) "
+                f"SAVEPOINT {_TRY_ALL}; SELECT bool_and(pg_try_advisory_xact_lock(k)) "
                 "FROM unnest(CAST(:k AS bigint[])) AS k"),
                 {"k": [lock_id(c) for c in correlations]}).scalar()
         else:
             got = conn.execute(text(
+                f"SAVEPOINT {_TRY_ALL}; "
                 "SELECT bool_and(pg_try_advisory_xact_lock(audit_event_lock_id(c))) "
                 "FROM unnest(CAST(:c AS text[])) AS c"), {"c": correlations}).scalar()
         if got or not correlations:
-            savepoint.commit()
+            if release:
+                conn.exec_driver_sql(f"RELEASE SAVEPOINT {_TRY_ALL}")
             for cid in correlations:
                 self._busy_until.pop(cid, None)
-            return set()
-        savepoint.rollback()  # gives back every lock it took
+            return set(), not release
+        # gives back every lock it took
+        conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_TRY_ALL}; RELEASE SAVEPOINT {_TRY_ALL}")
         now = self.clock()
         busy: set[str] = set()
         for cid in correlations:
@@ -381,7 +395,7 @@ class Chainer:
         if len(self._busy_until) > 10_000:  # forget the oldest: a bounded memory
             for cid in sorted(self._busy_until, key=self._busy_until.__getitem__)[:5_000]:
                 del self._busy_until[cid]
-        return busy
+        return busy, False
 
     def _stored(self, conn: Connection, records: Sequence[Record],
                 rows: Mapping[int, Mapping[str, Any]], indexes: Sequence[int],
