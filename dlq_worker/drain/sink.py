@@ -254,11 +254,9 @@ class Sink:
         try:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             if direct:
+                cursor.execute("SAVEPOINT dlq_direct")
                 try:
-                    # (the savepoint set in the COPY's own round trip: each one costs the
-                    # writer a wait for the interpreter lock while the loop thread decodes)
-                    _copy(cursor, f"SAVEPOINT dlq_direct; COPY {table} ({names}) FROM STDIN",
-                          data)
+                    _copy(cursor, f"COPY {table} ({names}) FROM STDIN", data)
                 except psycopg2.errors.UniqueViolation:
                     cursor.execute("ROLLBACK TO SAVEPOINT dlq_direct")
                     # Redeliveries come in runs (a restart, a claim): stage for a while.

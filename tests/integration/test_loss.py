@@ -95,7 +95,7 @@ def test_crash_between_commit_and_ack_is_acked_as_duplicate_never_parked(
             with bed.engine.connect() as conn:
                 return bool(conn.execute(text(
                     "SELECT count(*) FROM pg_stat_activity WHERE (query LIKE 'INSERT INTO audit%' "
-                    "OR query LIKE '%COPY audit%') AND wait_event = 'PgSleep'")).scalar_one())
+                    "OR query LIKE 'COPY audit%') AND wait_event = 'PgSleep'")).scalar_one())
 
         wait_until(inserting, 30, "insert in progress")
         # When Redis is frozen during that insert, its COMMIT lands and its XACK cannot;
