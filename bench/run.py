@@ -478,7 +478,9 @@ def compare_commits(s: Servers, revisions: list[str], batch: list[bytes], rounds
     """What each change bought: the drain (hash chain off and on) run from a checkout of
     each revision in turn, ``rounds`` times interleaved, with one strong ceiling a round,
     all on the same servers and backlog (the machine's drift lands on every revision
-    alike). The worker process imports the checkout it is started in."""
+    alike). Every other round runs the revisions in reverse order: a run's place in the
+    round (after the previous run's writes, say) is no revision's own. The worker process
+    imports the checkout it is started in."""
     root = Path(tempfile.mkdtemp(prefix="dlq-bench-commits-"))
     here = Path.cwd()
     trees = {}
@@ -491,7 +493,8 @@ def compare_commits(s: Servers, revisions: list[str], batch: list[bytes], rounds
         for round_ in range(1, rounds + 1):
             strong = bench_strong_ceiling(s, batch)["entries_per_second"]
             yield {"bench": "strong_ceiling", "round": round_, "entries_per_second": strong}
-            for rev, tree in trees.items():
+            order = list(trees.items())
+            for rev, tree in order if round_ % 2 else reversed(order):
                 os.chdir(tree)
                 try:
                     for mode in ("off", "sha256"):
