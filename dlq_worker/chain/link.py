@@ -206,19 +206,29 @@ def with_hashed(record: Record) -> Record:
     actor_ip = values.get("actor_ip")
     if actor_ip and not _canonical_ipv4(actor_ip):
         return record
-    view, is_plain = _stored_view(values, values["event_data"],
-                                  actor_ip + "/32" if actor_ip else None)
-    data = view["event_data"]
-    try:
-        marshalled = "null" if data is None else gojson.dumps_unmarshalled(
-            data, known_plain=is_plain)
-    except ValueError:
+    made = _hash_input(values, actor_ip + "/32" if actor_ip else None)
+    if made is None:
         return record  # a number beyond float64: written unhashed (see Chainer._stored)
     # (built field by field: dataclasses.replace cost three times as much; the tests hold
     # the copy equal to the record)
     return Record(table=record.table, key=record.key, values=values,
                   correlation_id=record.correlation_id, sensitive=record.sensitive,
-                  hashed=hashed_json(view, marshalled))
+                  hashed=made[1])
+
+
+def _hash_input(values: Mapping[str, Any], actor_ip_text: str | None,
+                ) -> tuple[dict[str, Any], bytes] | None:
+    """The row as it will read back (``stored_view``) and the bytes its link hashes
+    (``hashed_json``, event_data marshalled as Go does); None for event_data with a number
+    beyond float64, which the verifier could not read either."""
+    view, is_plain = _stored_view(values, values["event_data"], actor_ip_text)
+    data = view["event_data"]
+    try:
+        marshalled = "null" if data is None else gojson.dumps_unmarshalled(
+            data, known_plain=is_plain)
+    except ValueError:
+        return None
+    return view, hashed_json(view, marshalled)
 
 
 def order_key(row: Mapping[str, Any]) -> tuple[dt.datetime, str]:
@@ -427,15 +437,9 @@ class Chainer:
                 "CAST(:ip AS text[])) AS a(o, ip)"),
                 {"o": list(addresses), "ip": list(addresses.values())}).all()}
         for i in indexes:
-            view, is_plain = _stored_view(rows[i], rows[i]["event_data"], printed.get(i))
-            try:
-                data = view["event_data"]
-                marshalled = "null" if data is None else gojson.dumps_unmarshalled(
-                    data, known_plain=is_plain)
-            except ValueError:
-                continue  # a number beyond float64: the verifier could not read it either
-            views[i] = view
-            payloads[i] = hashed_json(view, marshalled)
+            made = _hash_input(rows[i], printed.get(i))
+            if made is not None:  # (else written unhashed: see link)
+                views[i], payloads[i] = made
         return views, payloads
 
 
